@@ -1,0 +1,1 @@
+"""TVM code generation: the only part of sparsecc that imports TVM."""

@@ -1,0 +1,152 @@
+"""FX node -> Relax converters, keyed by exact ATen/sparsecc op overload, each with a capability check.
+
+The partitioner asks `can_lower(node)`; the importer calls `convert`. An op without an entry, or whose
+check fails (dtype, dynamic shape, unusual arguments), stays in PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import fx
+from tvm import relax
+
+from sparsecc import ops as _sparse_ops  # noqa: F401  (registers the sparsecc:: ops)
+from sparsecc.codegen.kernels.csr import csr_linear_kernel
+from sparsecc.passes.graph_utils import shape_dtype
+
+aten = torch.ops.aten
+
+FLOAT_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclasses.dataclass
+class LoweringContext:
+    bb: relax.BlockBuilder
+    kernels: dict[tuple, relax.GlobalVar]
+
+    def kernel(self, key: tuple, make: Callable[[], Any], name: str) -> relax.GlobalVar:
+        """One PrimFunc per distinct specialisation; layers of equal shape share it."""
+        if key not in self.kernels:
+            self.kernels[key] = self.bb.add_func(make(), name)
+        return self.kernels[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    convert: Callable[[LoweringContext, fx.Node, tuple], relax.Expr]
+    check: Callable[[fx.Node], bool]
+
+
+CONVERTERS: dict[Any, Converter] = {}
+
+# Ops that only re-label memory; the "sparse" offload policy moves these into regions next to sparse ops.
+VIEW_OPS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default})
+
+
+def converter(*ops: Any, check: Callable[[fx.Node], bool] | None = None):
+    def register(fn):
+        for op in ops:
+            CONVERTERS[op] = Converter(fn, check or _static_float)
+        return fn
+
+    return register
+
+
+def can_lower(node: fx.Node) -> bool:
+    conv = CONVERTERS.get(node.target) if node.op == "call_function" else None
+    return conv is not None and conv.check(node)
+
+
+def _static(node: fx.Node) -> bool:
+    return shape_dtype(node) is not None
+
+
+def _static_float(node: fx.Node) -> bool:
+    tensors = [n for n in node.all_input_nodes] + [node]
+    infos = [shape_dtype(n) for n in tensors]
+    return all(i is not None and i[1] in FLOAT_DTYPES for i in infos)
+
+
+def _out_type(node: fx.Node) -> relax.TensorType:
+    shape, dtype = shape_dtype(node)
+    return relax.TensorType(shape, dtype_name(dtype))
+
+
+def _csr_check(node: fx.Node) -> bool:
+    x, indptr, indices, values, bias, _ = node.args
+    xs, vs = shape_dtype(x), shape_dtype(values)
+    ok = xs is not None and vs is not None and len(xs[0]) == 2 and xs[1] == vs[1] and xs[1] in FLOAT_DTYPES
+    ok = ok and all(shape_dtype(a) is not None and shape_dtype(a)[1] == torch.int32 for a in (indptr, indices))
+    return ok and (bias is None or (shape_dtype(bias) is not None and shape_dtype(bias)[1] == xs[1]))
+
+
+@converter(torch.ops.sparsecc.csr_linear.default, check=_csr_check)
+def _csr_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
+    x, indptr, indices, values, bias, out_features = args
+    (m, k), dtype = shape_dtype(node.args[0])
+    dt = dtype_name(dtype)
+    has_bias = bias is not None
+    gv = ctx.kernel(("csr_linear", m, out_features, k, dt, has_bias),
+                    lambda: csr_linear_kernel(m, out_features, k, dt, has_bias),
+                    f"csr_linear_{m}x{out_features}x{k}_{dt}{'_bias' if has_bias else ''}")
+    operands = [x, indptr, indices, values] + ([bias] if has_bias else [])
+    return relax.call_tir(gv, operands, relax.TensorType((m, out_features), dt))
+
+
+@converter(*VIEW_OPS, check=_static)
+def _reshape(ctx, node, args):
+    shape, _ = shape_dtype(node)
+    return relax.op.reshape(args[0], shape)
+
+
+@converter(aten.t.default, check=_static_float)
+def _t(ctx, node, args):
+    return relax.op.permute_dims(args[0], [1, 0]) if len(shape_dtype(node)[0]) == 2 else args[0]
+
+
+@converter(aten.permute.default, check=_static_float)
+def _permute(ctx, node, args):
+    return relax.op.permute_dims(args[0], list(args[1]))
+
+
+def _binary_check(node: fx.Node) -> bool:
+    if node.kwargs.get("alpha", 1) != 1:
+        return False
+    return _static_float(node) and all(isinstance(a, (fx.Node, int, float)) for a in node.args[:2])
+
+
+def _binary(relax_op):
+    def convert(ctx, node, args):
+        _, dtype = shape_dtype(node)
+        lhs, rhs = (a if isinstance(a, relax.Expr) else relax.const(a, dtype_name(dtype)) for a in args[:2])
+        return relax_op(lhs, rhs)
+
+    return convert
+
+
+converter(aten.add.Tensor, check=_binary_check)(_binary(relax.op.add))
+converter(aten.sub.Tensor, check=_binary_check)(_binary(relax.op.subtract))
+converter(aten.mul.Tensor, check=_binary_check)(_binary(relax.op.multiply))
+
+
+@converter(aten.relu.default)
+def _relu(ctx, node, args):
+    return relax.op.nn.relu(args[0])
+
+
+def _gelu_check(node: fx.Node) -> bool:
+    return _static_float(node) and node.kwargs.get("approximate", "none") in ("none", "tanh")
+
+
+@converter(aten.gelu.default, check=_gelu_check)
+def _gelu(ctx, node, args):
+    if node.kwargs.get("approximate", "none") == "tanh":
+        return relax.op.nn.gelu_tanh(args[0])
+    return relax.op.nn.gelu(args[0])

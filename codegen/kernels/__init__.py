@@ -1,0 +1,1 @@
+"""TIR kernel factories, one file per storage format."""

@@ -1,0 +1,1 @@
+"""Graph passes over the canonical ATen FX graph. They import torch (and networkx), never TVM."""

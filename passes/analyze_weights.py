@@ -1,0 +1,62 @@
+"""Analysis: find each constant weight that feeds a matrix product and record its sparsity.
+
+Operands are matched in either position: nn.Linear becomes `addmm(bias, x, W^T)` with the weight on the
+right, transformers' GPT-2 Conv1D is `addmm(bias, x, W)` with an (in, out) weight, and `W @ x` puts it
+on the left. The result is a frozen WeightSparsity in the get_attr node's meta["sparsecc"].
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+from sparsecc.formats import WeightSparsity, WeightUse
+from sparsecc.passes.fold_constants import LAYOUT, ORIGIN
+from sparsecc.passes.graph_utils import constant_of
+from sparsecc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+# op -> positions of its matrix operands
+MATMUL_OPERANDS = {
+    aten.mm.default: (0, 1),
+    aten.addmm.default: (1, 2),
+    aten.bmm.default: (0, 1),
+    aten.baddbmm.default: (1, 2),
+    aten.matmul.default: (0, 1),
+    aten.linear.default: (1,),
+}
+
+META_KEY = "sparsecc"
+
+
+def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
+    uses: dict[fx.Node, list[WeightUse]] = {}
+    for node in gm.graph.nodes:
+        positions = MATMUL_OPERANDS.get(node.target) if node.op == "call_function" else None
+        for pos in positions or ():
+            arg = node.args[pos] if pos < len(node.args) else None
+            if isinstance(arg, fx.Node) and constant_of(gm, arg) is not None:
+                uses.setdefault(arg, []).append(WeightUse(str(node.target), pos, node.name))
+
+    for node, node_uses in uses.items():
+        tensor = constant_of(gm, node)
+        node.meta[META_KEY] = WeightSparsity(
+            name=str(node.meta.get(ORIGIN, node.target)),
+            shape=tuple(tensor.shape),
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            nnz=int(torch.count_nonzero(tensor)),
+            source_layout=node.meta.get(LAYOUT, "strided"),
+            uses=tuple(node_uses),
+        )
+    log.debug("analysis: %d weights feed matrix products", len(uses))
+    return gm
+
+
+def analysed_weights(gm: fx.GraphModule) -> dict[str, WeightSparsity]:
+    """attribute name -> WeightSparsity, for every analysed constant, in graph order."""
+    return {n.target: n.meta[META_KEY] for n in gm.graph.nodes if n.op == "get_attr" and META_KEY in n.meta}

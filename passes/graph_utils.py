@@ -1,0 +1,58 @@
+"""Small helpers the passes share for reading and editing constants and shapes in an FX graph."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+
+def constant_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The tensor behind a get_attr node, or None when the node is not a constant tensor."""
+    if node.op != "get_attr":
+        return None
+    value = getattr(gm, node.target, None)  # type: ignore[arg-type]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def add_constant(gm: fx.GraphModule, name_hint: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
+    """Register `value` on gm under a fresh attribute name and return a get_attr node placed before `before`."""
+    base = re.sub(r"\W", "_", name_hint) or "const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value, persistent=False)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def shape_dtype(node: fx.Node) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """Static shape and dtype of a node's tensor result, from make_fx's meta or from ShapeProp."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(d) for d in val.shape), val.dtype
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(int(d) for d in tm.shape), tm.dtype
+    return None
+
+
+def drop_unused_constants(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in list(gm._buffers):
+        if name not in used:
+            del gm._buffers[name]
+    for name in list(vars(gm)):
+        if name.startswith("_tensor_constant") and name not in used:
+            delattr(gm, name)
+    gm.recompile()
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    return str(getattr(target, "__name__", target)) if node.op == "call_function" else f"{node.op}:{target}"

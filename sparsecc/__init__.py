@@ -1,0 +1,27 @@
+"""sparsecc: a PyTorch compiler for sparse models.
+
+    torch.compile(model, backend="sparsecc", options={...})     # after `pip install sparsecc`
+    sparsecc.compile(model, options={...})                       # same, plus torch.sparse weights
+"""
+
+from sparsecc import ops  # noqa: F401  (registers the sparsecc:: custom ops)
+from sparsecc.api import compile, densify_sparse_weights, register_backend
+from sparsecc.errors import (
+    OptionError,
+    SparseccError,
+    SparseccFallbackWarning,
+    StageError,
+    UnsupportedError,
+    WeightChangedError,
+)
+from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity
+from sparsecc.runtime.compiled import CompiledGraph, compiled_graphs
+from sparsecc.settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompiledGraph", "FormatChoice", "OptionError", "Settings", "SparseFormat", "SparsePlan", "SparseccError",
+    "SparseccFallbackWarning", "StageError", "UnsupportedError", "WeightChangedError", "WeightSparsity",
+    "compile", "compiled_graphs", "densify_sparse_weights", "register_backend",
+]

@@ -1,0 +1,105 @@
+"""Plain data that the passes hand each other: what a weight looks like and how it will be stored."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any, Mapping
+
+
+class SparseFormat(str, enum.Enum):
+    DENSE = "dense"
+    CSR = "csr"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightUse:
+    """One place a constant weight is consumed: the op and which operand it is."""
+
+    op: str
+    operand: int
+    node: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSparsity:
+    """What analysis found in one constant weight (stored in the get_attr node's meta["sparsecc"])."""
+
+    name: str  # the user's name for it, e.g. "encoder.layer.0.output.dense.weight"
+    shape: tuple[int, ...]
+    dtype: str
+    nnz: int
+    # "strided" for ordinary tensors; "sparse_csr" etc. when the user held the weight in a torch.sparse layout.
+    source_layout: str
+    uses: tuple[WeightUse, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatChoice:
+    format: SparseFormat
+    block: tuple[int, int] | None
+    est_cost: float  # predicted time relative to the dense kernel (1.0 = same as dense)
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePlan:
+    """Format choice per weight, keyed by the weight's graph attribute name. Pure data; JSON round-trips."""
+
+    choices: Mapping[str, FormatChoice]
+    weights: Mapping[str, WeightSparsity]
+
+    def sparse_weights(self) -> list[str]:
+        return [k for k, c in self.choices.items() if c.format is not SparseFormat.DENSE]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": 1,
+                "weights": {k: _weight_to_dict(w) for k, w in self.weights.items()},
+                "choices": {
+                    k: {"format": c.format.value, "block": list(c.block) if c.block else None,
+                        "est_cost": c.est_cost, "reason": c.reason}
+                    for k, c in self.choices.items()
+                },
+            },
+            indent=1,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "SparsePlan":
+        data = json.loads(text)
+        weights = {k: _weight_from_dict(w) for k, w in data["weights"].items()}
+        choices = {
+            k: FormatChoice(SparseFormat(c["format"]), tuple(c["block"]) if c["block"] else None,
+                            float(c["est_cost"]), c["reason"])
+            for k, c in data["choices"].items()
+        }
+        return cls(choices=choices, weights=weights)
+
+
+def _weight_to_dict(w: WeightSparsity) -> dict[str, Any]:
+    d = dataclasses.asdict(w)
+    d["shape"] = list(w.shape)
+    d["uses"] = [dataclasses.asdict(u) for u in w.uses]
+    return d
+
+
+def _weight_from_dict(d: dict[str, Any]) -> WeightSparsity:
+    return WeightSparsity(
+        name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], nnz=int(d["nnz"]),
+        source_layout=d["source_layout"], uses=tuple(WeightUse(**u) for u in d["uses"]),
+    )

@@ -1,0 +1,100 @@
+"""One frozen settings object, built from the user's options and passed down to every stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Mapping
+
+from sparsecc.errors import OptionError
+
+STAGES = ("capture", "analysis", "plan", "rewrite", "partition", "lower", "build")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Options of `torch.compile(..., backend="sparsecc", options={...})` and of the Python API."""
+
+    # What a failing stage does: fall back to the original graph with one warning, or raise.
+    on_failure: Literal["fallback", "raise"] = "fallback"
+    # A weight is stored as CSR when at most this fraction of it is non-zero; denser weights stay dense.
+    # The naive CSR kernel of the spine breaks even with MKL dense near 25 % density at BERT shapes.
+    csr_max_density: float = 0.25
+    # Weights with fewer elements stay dense: the call overhead would eat the saving.
+    min_weight_numel: int = 4096
+    # Which ops go to TVM: "sparse" = sparse ops and the reshapes around them (dense work stays in PyTorch,
+    # which runs it faster than untuned TVM); "all" = every op sparsecc has a TVM converter for.
+    offload: Literal["sparse", "all"] = "sparse"
+    # Only the host CPU for now.
+    target: Literal["host"] = "host"
+    # Threads for TVM kernels; None follows torch.get_num_threads().
+    num_threads: int | None = None
+    # Stop the pipeline after this stage and run what it produced (debugging, tests, `sparsecc inspect`).
+    stop_after: Literal["capture", "analysis", "plan", "rewrite", "partition", "lower", "build"] | None = None
+    # Compare the compiled graph with PyTorch on the example inputs before using it.
+    verify: bool = True
+    # When a weight changes after compiling: compile again, or raise WeightChangedError.
+    on_weight_change: Literal["recompile", "raise"] = "recompile"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "Settings":
+        options = dict(options or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        for key, value in options.items():
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise OptionError(
+                    f"unknown sparsecc option '{key}'.{hint} Valid options: {', '.join(sorted(fields))}."
+                )
+            _check_type(key, value, hints[key])
+        settings = cls(**options)
+        if not 0.0 <= settings.csr_max_density <= 1.0:
+            raise OptionError(f"option 'csr_max_density' must be within [0, 1], got {settings.csr_max_density}.")
+        if settings.num_threads is not None and settings.num_threads < 1:
+            raise OptionError(f"option 'num_threads' must be >= 1 or None, got {settings.num_threads}.")
+        return settings
+
+    def replace(self, **changes: Any) -> "Settings":
+        return Settings.from_options({**dataclasses.asdict(self), **changes})
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise OptionError(
+                f"option '{key}' must be one of {', '.join(repr(a) for a in args)}; got {value!r}."
+            )
+        return
+    if origin is typing.Union or isinstance(hint, types.UnionType):
+        for alternative in args:
+            if alternative is type(None) and value is None:
+                return
+            if alternative is not type(None):
+                try:
+                    _check_type(key, value, alternative)
+                    return
+                except OptionError:
+                    pass
+        raise OptionError(f"option '{key}' must be {_describe(hint)}; got {value!r}.")
+    expected = hint
+    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise OptionError(
+            f"option '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}."
+        )
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return "None" if hint is type(None) else hint.__name__
