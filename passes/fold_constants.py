@@ -32,12 +32,20 @@ def _foldable(node: fx.Node) -> bool:
 
 def fold_constants(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
     folded = 0
+    # The same op over the same constants folds to one constant: a weight used twice (F.linear called
+    # twice with it, each call transposing it) must not be stored, analysed and packed twice.
+    seen: dict[str, fx.Node] = {}
     for node in list(gm.graph.nodes):
         if not _foldable(node):
             continue
         inputs = node.all_input_nodes
         values = {n: constant_of(gm, n) for n in inputs}
         if any(v is None for v in values.values()):
+            continue
+        key = repr((node.target, fx.node.map_arg((node.args, node.kwargs), lambda n: f"<{n.target}>")))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
         with torch.no_grad():
@@ -52,6 +60,7 @@ def fold_constants(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
                 new.meta[LAYOUT] = source.meta[LAYOUT]
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+        seen[key] = new
         folded += 1
     drop_unused_constants(gm)
     log.debug("fold_constants: folded %d ops", folded)

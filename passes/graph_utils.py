@@ -55,4 +55,6 @@ def drop_unused_constants(gm: fx.GraphModule) -> None:
 
 def op_name(node: fx.Node) -> str:
     target = node.target
-    return str(getattr(target, "__name__", target)) if node.op == "call_function" else f"{node.op}:{target}"
+    if node.op != "call_function":
+        return f"{node.op}:{target}"
+    return str(target) if isinstance(target, torch._ops.OpOverload) else str(getattr(target, "__name__", target))

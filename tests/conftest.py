@@ -1,0 +1,78 @@
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+
+import sparsecc
+from sparsecc.runtime.compiled import compiled_graphs
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts with an empty dynamo cache, so graphs compiled by one test don't serve another."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()
+
+
+def zero_out_(weight: torch.Tensor, sparsity: float) -> None:
+    """Magnitude-prune a weight in place to the given fraction of exact zeros."""
+    with torch.no_grad():
+        k = int(weight.numel() * sparsity)
+        if k == 0:
+            return
+        threshold = weight.abs().flatten().kthvalue(k).values
+        weight[weight.abs() <= threshold] = 0
+
+
+def prune_linears_(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            zero_out_(mod.weight.data, sparsity)
+    return model
+
+
+class CompileWatch:
+    """The CompiledGraphs created while the block runs, to check the sparse path really ran."""
+
+    def __enter__(self):
+        self._before = {g.serial for g in compiled_graphs()}
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def graphs(self):
+        return [g for g in compiled_graphs() if g.serial not in self._before]
+
+    @property
+    def sparse_ops(self) -> int:
+        return sum(g.state.sparse_ops for g in self.graphs if g.state is not None)
+
+    @property
+    def regions(self) -> int:
+        return sum(len(g.state.regions) for g in self.graphs if g.state is not None)
+
+    @property
+    def fallbacks(self) -> int:
+        return sum(g.fallbacks for g in self.graphs)
+
+
+@pytest.fixture
+def watch():
+    return CompileWatch()
+
+
+def compile_sparsecc(model, **options):
+    return torch.compile(model, backend="sparsecc", options=options or None)
+
+
+@pytest.fixture
+def no_fallback():
+    """Turn sparsecc's fallback warning into a test failure."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparsecc.SparseccFallbackWarning)
+        yield

@@ -1,0 +1,199 @@
+"""Whole models through torch.compile(backend="sparsecc"), each compared with eager PyTorch and each
+checking that the sparse path actually ran (sparse ops in the graph, TVM regions built and called)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+from conftest import CompileWatch, compile_sparsecc, prune_linears_, zero_out_
+
+import sparsecc
+from sparsecc.tolerances import TOLERANCES
+
+FP32 = TOLERANCES[torch.float32]
+
+
+def run_both(model, *inputs, **options):
+    model.eval()
+    compiled = compile_sparsecc(model, **options)
+    with torch.no_grad(), CompileWatch() as watch:
+        expected = model(*inputs)
+        actual = compiled(*inputs)
+    return actual, expected, watch, compiled
+
+
+class OddMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(97, 211)
+        self.fc2 = nn.Linear(211, 53, bias=False)
+        self.fc3 = nn.Linear(53, 131)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
+
+
+def test_mlp_with_odd_sizes(no_fallback):
+    model = prune_linears_(OddMLP(), 0.9)
+    x = torch.randn(3, 5, 97)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert watch.sparse_ops == 3 and watch.regions == 3
+
+
+def test_second_input_shape_is_correct(no_fallback):
+    model = prune_linears_(OddMLP(), 0.8).eval()
+    compiled = compile_sparsecc(model, min_weight_numel=1)
+    with torch.no_grad(), CompileWatch() as watch:
+        for shape in [(3, 5, 97), (2, 11, 97), (1, 1, 97), (7, 97)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(compiled(x), model(x), **FP32)
+    assert watch.sparse_ops >= 3 and all(g.fallbacks == 0 for g in watch.graphs)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160,
+                        vocab_size=120, max_position_embeddings=64)
+    return BertModel(config)
+
+
+def test_bert_style_encoder(no_fallback):
+    model = prune_linears_(tiny_bert(), 0.9)
+    ids = torch.randint(0, 120, (2, 24))
+    actual, expected, watch, _ = run_both(model, ids, min_weight_numel=1)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
+    assert watch.sparse_ops == 2 * 6 + 1  # six Linears per layer and the pooler
+
+
+def test_gpt2_style_decoder_conv1d_weights(no_fallback):
+    from transformers import GPT2Config, GPT2Model
+
+    model = GPT2Model(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=120, n_positions=64,
+                                 bos_token_id=0, eos_token_id=0))
+    prune_linears_(model, 0.85)
+    ids = torch.randint(0, 120, (1, 20))
+    actual, expected, watch, _ = run_both(model, ids, min_weight_numel=1)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
+    plan = watch.graphs[0].state.plan
+    conv1d = [w for w in plan.weights.values() if w.name.endswith("c_fc.weight")]
+    # Conv1D keeps its weight as (in, out) and multiplies it on the right of addmm, unfolded.
+    assert conv1d and conv1d[0].shape == (64, 256) and conv1d[0].uses[0].operand == 2
+    assert watch.sparse_ops == 2 * 4
+
+
+def test_model_without_zeros_stays_dense_and_correct(no_fallback):
+    model = OddMLP()
+    x = torch.randn(4, 97)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1)
+    torch.testing.assert_close(actual, expected, **FP32)
+    plan = watch.graphs[0].state.plan
+    assert watch.sparse_ops == 0 and watch.regions == 0
+    assert all(c.format is sparsecc.SparseFormat.DENSE for c in plan.choices.values())
+    assert all("density 1.000 > csr_max_density" in c.reason for c in plan.choices.values())
+
+
+def test_model_pruned_with_torch_nn_utils_prune(no_fallback):
+    model = OddMLP()
+    for layer in (model.fc1, model.fc2, model.fc3):
+        prune.l1_unstructured(layer, "weight", amount=0.9)
+    x = torch.randn(6, 97)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1)
+    torch.testing.assert_close(actual, expected, **FP32)
+    # The zeros live in weight_mask, applied in forward: only folding makes them visible.
+    weights = watch.graphs[0].state.plan.weights.values()
+    assert {w.name for w in weights} == {"fc1.weight_orig", "fc2.weight_orig", "fc3.weight_orig"}
+    assert all(abs(w.density - 0.1) < 0.01 for w in weights)
+    assert watch.sparse_ops == 3
+
+
+class WithGraphBreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 128)
+        self.b = nn.Linear(128, 32)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_model_with_graph_break(no_fallback):
+    model = prune_linears_(WithGraphBreak(), 0.9)
+    x = torch.randn(8, 64)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert len(watch.graphs) == 2 and watch.sparse_ops == 2
+
+
+class WithCumsum(nn.Module):
+    """cumsum has no TVM converter in sparsecc, so it must stay in PyTorch between two regions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(48, 96)
+        self.b = nn.Linear(96, 40)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.cumsum(h, dim=-1) * 0.01 + torch.relu(h)
+        return self.b(h) + self.a(x).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("offload", ["sparse", "all"])
+def test_model_with_op_tvm_lacks(no_fallback, offload):
+    model = prune_linears_(WithCumsum(), 0.9)
+    x = torch.randn(5, 48)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, offload=offload)
+    torch.testing.assert_close(actual, expected, **FP32)
+    state = watch.graphs[0].state
+    outer_ops = {str(n.target) for n in state.gm.graph.nodes if n.op == "call_function"}
+    assert "aten.cumsum.default" in outer_ops
+    assert watch.sparse_ops >= 2 and len(state.regions) >= 2
+
+
+def test_weights_changed_after_compiling_are_never_stale(no_fallback):
+    model = prune_linears_(OddMLP(), 0.9).eval()
+    compiled = compile_sparsecc(model, min_weight_numel=1)
+    x = torch.randn(4, 97)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), **FP32)
+        model.fc1.weight.mul_(2.0)  # in place
+        torch.testing.assert_close(compiled(x), model(x), **FP32)
+        model.fc2.weight.data = torch.zeros_like(model.fc2.weight)  # .data =
+        torch.testing.assert_close(compiled(x), model(x), **FP32)
+        other = prune_linears_(OddMLP(), 0.5)
+        model.load_state_dict(other.state_dict())  # load_state_dict
+        torch.testing.assert_close(compiled(x), model(x), **FP32)
+
+
+def test_weight_change_can_raise():
+    model = prune_linears_(OddMLP(), 0.9).eval()
+    compiled = compile_sparsecc(model, min_weight_numel=1, on_weight_change="raise")
+    x = torch.randn(4, 97)
+    with torch.no_grad():
+        compiled(x)
+        model.fc3.weight.add_(1.0)
+        with pytest.raises(Exception) as info:
+            compiled(x)
+    assert isinstance(info.value, sparsecc.WeightChangedError) or isinstance(
+        getattr(info.value, "inner_exception", None), sparsecc.WeightChangedError)
+
+
+def test_sparse_layout_weights_through_sparsecc_compile(no_fallback):
+    model = OddMLP().eval()
+    prune_linears_(model, 0.9)
+    dense_reference = OddMLP().eval()
+    dense_reference.load_state_dict(model.state_dict())
+    model.fc1.weight = nn.Parameter(model.fc1.weight.detach().to_sparse_csr(), requires_grad=False)
+    model.fc3.weight = nn.Parameter(model.fc3.weight.detach().to_sparse_coo(), requires_grad=False)
+    compiled = sparsecc.compile(model, options={"min_weight_numel": 1})
+    x = torch.randn(3, 97)
+    with torch.no_grad(), CompileWatch() as watch:
+        torch.testing.assert_close(compiled(x), dense_reference(x), **FP32)
+    layouts = {w.name: w.source_layout for w in watch.graphs[0].state.plan.weights.values()}
+    assert layouts == {"fc1.weight": "sparse_csr", "fc2.weight": "strided", "fc3.weight": "sparse_coo"}
+    assert watch.sparse_ops == 3

@@ -1,0 +1,104 @@
+"""Failure policy, stop_after and the entry point."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import CompileWatch, compile_sparsecc, prune_linears_
+
+import sparsecc
+import sparsecc.pipeline as pipeline
+from sparsecc.settings import STAGES
+
+
+def small_model():
+    return prune_linears_(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)), 0.9).eval()
+
+
+@pytest.fixture
+def broken_lowering(monkeypatch):
+    def broken(state):
+        raise RuntimeError("simulated converter bug")
+
+    stages = tuple((name, broken if name == "lower" else fn) for name, fn in pipeline.STAGE_FUNCS)
+    monkeypatch.setattr(pipeline, "STAGE_FUNCS", stages)
+
+
+def test_failing_stage_falls_back_with_one_warning(broken_lowering):
+    model = small_model()
+    compiled = compile_sparsecc(model, min_weight_numel=1)
+    x = torch.randn(4, 32)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, CompileWatch() as watch:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(compiled(x), model(x))
+    ours = [w for w in caught if issubclass(w.category, sparsecc.SparseccFallbackWarning)]
+    assert len(ours) == 1 and "stage 'lower'" in str(ours[0].message)
+    assert watch.fallbacks == 1
+
+
+def test_failing_stage_raises_when_asked(broken_lowering):
+    compiled = compile_sparsecc(small_model(), min_weight_numel=1, on_failure="raise")
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(4, 32))
+    inner = getattr(info.value, "inner_exception", info.value)
+    assert isinstance(inner, sparsecc.StageError) and inner.stage == "lower"
+    assert "simulated converter bug" in str(inner)
+
+
+def test_stage_error_names_node_and_op(monkeypatch):
+    from sparsecc.codegen import converters
+
+    def broken_convert(ctx, node, args):
+        raise ValueError("no luck")
+
+    key = torch.ops.sparsecc.csr_linear.default
+    monkeypatch.setitem(converters.CONVERTERS, key, converters.Converter(broken_convert, converters.CONVERTERS[key].check))
+    compiled = compile_sparsecc(small_model(), min_weight_numel=1, on_failure="raise")
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(4, 32))
+    inner = getattr(info.value, "inner_exception", info.value)
+    assert inner.stage == "lower" and inner.op == "sparsecc.csr_linear.default" and inner.node
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stop_after_each_stage_still_runs_correctly(stage):
+    model = small_model()
+    compiled = compile_sparsecc(model, min_weight_numel=1, stop_after=stage)
+    x = torch.randn(3, 32)
+    with torch.no_grad(), CompileWatch() as watch:
+        torch.testing.assert_close(compiled(x), model(x))
+    state = watch.graphs[0].state
+    assert state.completed == list(STAGES[: STAGES.index(stage) + 1])
+    assert (state.plan is not None) == (STAGES.index(stage) >= STAGES.index("plan"))
+    assert (state.vm is not None) == (stage == "build")
+
+
+def test_backend_by_name_in_a_fresh_process_without_import():
+    script = textwrap.dedent("""
+        import sys, torch
+        m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                p[torch.rand_like(p) < 0.9] = 0
+            x = torch.randn(5, 32)
+            assert "sparsecc" not in sys.modules
+            y = torch.compile(m, backend="sparsecc", options={"min_weight_numel": 1})(x)
+            torch.testing.assert_close(y, m(x))
+        import sparsecc
+        state = sparsecc.compiled_graphs()[-1].state
+        print("sparse_ops", state.sparse_ops, "regions", len(state.regions))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sparse_ops 2 regions 2" in out.stdout
+
+
+def test_register_backend_after_import_is_idempotent():
+    sparsecc.register_backend()
+    sparsecc.register_backend()
+    assert "sparsecc" in torch._dynamo.list_backends(exclude_tags=())
