@@ -6,7 +6,7 @@ from sparsecc.formats import SparsePlan
 
 
 def plan_table(plan: SparsePlan) -> str:
-    rows = [("weight", "shape", "density", "format", "reason")]
+    rows = [("weight", "shape as multiplied", "density", "format", "reason")]
     for key, w in plan.weights.items():
         c = plan.choices[key]
         rows.append((w.name, "x".join(map(str, w.shape)), f"{w.density:.3f}", c.format.value, c.reason))

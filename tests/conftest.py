@@ -17,23 +17,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def zero_out_(weight: torch.Tensor, sparsity: float) -> None:
-    """Magnitude-prune a weight in place to the given fraction of exact zeros."""
-    with torch.no_grad():
-        k = int(weight.numel() * sparsity)
-        if k == 0:
-            return
-        threshold = weight.abs().flatten().kthvalue(k).values
-        weight[weight.abs() <= threshold] = 0
-
-
-def prune_linears_(model: torch.nn.Module, sparsity: float) -> torch.nn.Module:
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
-            zero_out_(mod.weight.data, sparsity)
-    return model
-
-
 class CompileWatch:
     """The CompiledGraphs created while the block runs, to check the sparse path really ran."""
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
-from conftest import CompileWatch, compile_sparsecc, prune_linears_, zero_out_
+from conftest import CompileWatch, compile_sparsecc
 
 import sparsecc
+from sparsecc.sparsify import prune_linears_
 from sparsecc.tolerances import TOLERANCES
 
 FP32 = TOLERANCES[torch.float32]

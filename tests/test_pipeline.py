@@ -8,7 +8,9 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from conftest import CompileWatch, compile_sparsecc, prune_linears_
+from conftest import CompileWatch, compile_sparsecc
+
+from sparsecc.sparsify import prune_linears_
 
 import sparsecc
 import sparsecc.pipeline as pipeline

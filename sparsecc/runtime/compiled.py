@@ -89,6 +89,9 @@ class CompiledGraph:
 
     def _compile(self, args: Sequence[Any]) -> Callable[[Sequence[Any]], Any]:
         self.compiles += 1
+        if torch.is_grad_enabled() and any(args[i].requires_grad for i in self._weight_pos):
+            warnings.warn("sparsecc compiles for inference: outputs of this graph do not track gradients. "
+                          "Run the model under torch.no_grad() or torch.inference_mode().", stacklevel=3)
         if self.compiles > 1:
             log.info("sparsecc: compiling graph %d again for new input shapes or weights", self.serial)
         try:

@@ -1,0 +1,5 @@
+import sys
+
+from sparsecc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""Latency measurement shared by the demo, `benchmarks/` and the CLI: warm-up, then the candidates run
+interleaved (A B C A B C ...) so drift on a shared machine hits all alike; min / median / max per candidate."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    min_ms: float
+    median_ms: float
+    max_ms: float
+
+
+def interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 20,
+                warmup: int = 3) -> dict[str, Timing]:
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: Timing(min(s), statistics.median(s), max(s)) for name, s in samples.items()}
+
+
+def timing_table(results: Mapping[str, Timing], baseline: str) -> str:
+    base = results[baseline].median_ms
+    lines = [f"{'':<22}{'min ms':>10}{'median ms':>12}{'max ms':>10}  speed-up vs {baseline}"]
+    for name, t in results.items():
+        lines.append(f"{name:<22}{t.min_ms:>10.2f}{t.median_ms:>12.2f}{t.max_ms:>10.2f}  {base / t.median_ms:>6.2f}x")
+    return "\n".join(lines)
