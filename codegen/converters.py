@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Callable
 
 import torch
+import tvm
 from torch import fx
 from tvm import relax
 
@@ -92,12 +93,12 @@ def _csr_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
     x, indptr, indices, values, bias, out_features = args
     (m, k), dtype = shape_dtype(node.args[0])
     dt = dtype_name(dtype)
-    has_bias = bias is not None
-    gv = ctx.kernel(("csr_linear", m, out_features, k, dt, has_bias),
-                    lambda: csr_linear_kernel(m, out_features, k, dt, has_bias),
-                    f"csr_linear_{m}x{out_features}x{k}_{dt}{'_bias' if has_bias else ''}")
-    operands = [x, indptr, indices, values] + ([bias] if has_bias else [])
-    return relax.call_tir(gv, operands, relax.TensorType((m, out_features), dt))
+    if bias is None:
+        bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(out_features, dtype=dtype)))
+    gv = ctx.kernel(("csr_linear", m, out_features, k, dt),
+                    lambda: csr_linear_kernel(m, out_features, k, dt),
+                    f"csr_linear_{m}x{out_features}x{k}_{dt}")
+    return relax.call_tir(gv, [x, indptr, indices, values, bias], relax.TensorType((m, out_features), dt))
 
 
 @converter(*VIEW_OPS, check=_static)

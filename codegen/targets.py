@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 
 import torch
@@ -42,13 +43,32 @@ def resolve_threads(requested: int | None) -> int:
     return requested if requested is not None else torch.get_num_threads()
 
 
-_configured: list[int] = []
+# threading::ThreadGroup::kSpecifyThreadShareAllCore: workers may run on any of the listed CPUs.
+_SHARE_ALL_CORES = -3
 
 
-def configure_threads(num_threads: int) -> None:
-    """Size TVM's worker pool like PyTorch's: two busy-waiting pools larger than the cores thrash."""
-    if _configured and _configured[-1] == num_threads:
-        return
-    big_cores_mode = 1  # threading::ThreadGroup::kBig: on a uniform CPU every core is "big"
-    tvm.get_global_func("runtime.config_threadpool")(big_cores_mode, num_threads)
-    _configured.append(num_threads)
+def _usable_cpus() -> list[str]:
+    try:
+        return [str(c) for c in sorted(os.sched_getaffinity(0))]
+    except AttributeError:  # not on Linux
+        return [str(c) for c in range(os.cpu_count() or 1)]
+
+
+def configure_threads(num_threads: int) -> int:
+    """Size TVM's worker pool like PyTorch's and return the threads TVM will use.
+
+    TVM creates its pool once, at first use, with hardware_concurrency / 2 workers on x86 (it assumes
+    hyper-threading): one worker on a 2-core machine. Passing the CPU list raises that ceiling when it
+    runs before the pool exists, which is why this module does it at import.
+    """
+    cpus = _usable_cpus()
+    tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, min(num_threads, len(cpus)), cpus)
+    used = tvm.runtime.num_threads()
+    if used < min(num_threads, len(cpus)):
+        log.warning("TVM's thread pool was created with %d threads before sparsecc configured it; kernels use "
+                    "%d of the %d threads asked for (set TVM_NUM_THREADS before TVM is first used)",
+                    used, used, num_threads)
+    return used
+
+
+configure_threads(torch.get_num_threads())

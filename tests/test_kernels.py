@@ -16,9 +16,9 @@ def run_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> t
     m, k = x.shape
     n = w.shape[0]
     dtype = str(x.dtype).removeprefix("torch.")
-    mod = tvm.IRModule({"kernel": csr_linear_kernel(m, n, k, dtype, bias is not None).with_attr("global_symbol", "kernel")})
+    mod = tvm.IRModule({"kernel": csr_linear_kernel(m, n, k, dtype).with_attr("global_symbol", "kernel")})
     lib = tvm.compile(mod, target=host_target(2))
-    arrays = [x, *pack_csr(w)] + ([bias] if bias is not None else [])
+    arrays = [x, *pack_csr(w), bias if bias is not None else torch.zeros(n, dtype=x.dtype)]
     out = torch.empty(m, n, dtype=x.dtype)
     lib["kernel"](*[tvm.runtime.from_dlpack(a.contiguous()) for a in arrays], tvm.runtime.from_dlpack(out))
     return out
@@ -95,3 +95,23 @@ def test_relax_module_uses_tir_kernel_for_each_shape():
     assert prim_funcs == ["csr_linear_4x64x32_float32"]
     assert relax_funcs and all(name.startswith("sparsecc_region_") for name in relax_funcs)
     torch.testing.assert_close(state.run([x]), fn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tvm_threads_follow_torch_and_the_option():
+    from sparsecc.codegen.build import build
+
+    mod = tvm.IRModule({"kernel": csr_linear_kernel(4, 8, 8, "float32").with_attr("global_symbol", "kernel")})
+    wrapped = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    with wrapped.function("main", [x]):
+        gv = wrapped.add_func(mod["kernel"].without_attr("global_symbol"), "kernel")
+        w = pattern(8, 8, "random", 0.5, 3)
+        consts = [relax.const(tvm.runtime.from_dlpack(a)) for a in (*pack_csr(w), torch.zeros(8))]
+        out = wrapped.emit(relax.call_tir(gv, [x, *consts], relax.TensorType((4, 8), "float32")))
+        wrapped.emit_func_output(out)
+    from sparsecc.settings import Settings
+
+    build(wrapped.get(), Settings(num_threads=1))
+    assert tvm.runtime.num_threads() == 1
+    build(wrapped.get(), Settings())
+    assert tvm.runtime.num_threads() == torch.get_num_threads()

@@ -166,6 +166,8 @@ def test_weights_changed_after_compiling_are_never_stale(no_fallback):
         torch.testing.assert_close(compiled(x), model(x), **FP32)
         model.fc2.weight.data = torch.zeros_like(model.fc2.weight)  # .data =
         torch.testing.assert_close(compiled(x), model(x), **FP32)
+        graph = sparsecc.compiled_graphs()[-1]
+        assert graph.compiles == 3 and len(graph.states) == 1  # old variants (and their kernels) released
         other = prune_linears_(OddMLP(), 0.5)
         model.load_state_dict(other.state_dict())  # load_state_dict
         torch.testing.assert_close(compiled(x), model(x), **FP32)
@@ -190,11 +192,12 @@ def test_sparse_layout_weights_through_sparsecc_compile(no_fallback):
     dense_reference = OddMLP().eval()
     dense_reference.load_state_dict(model.state_dict())
     model.fc1.weight = nn.Parameter(model.fc1.weight.detach().to_sparse_csr(), requires_grad=False)
+    model.fc2.weight = nn.Parameter(model.fc2.weight.detach().to_sparse_bsr((1, 1)), requires_grad=False)
     model.fc3.weight = nn.Parameter(model.fc3.weight.detach().to_sparse_coo(), requires_grad=False)
     compiled = sparsecc.compile(model, options={"min_weight_numel": 1})
     x = torch.randn(3, 97)
     with torch.no_grad(), CompileWatch() as watch:
         torch.testing.assert_close(compiled(x), dense_reference(x), **FP32)
     layouts = {w.name: w.source_layout for w in watch.graphs[0].state.plan.weights.values()}
-    assert layouts == {"fc1.weight": "sparse_csr", "fc2.weight": "strided", "fc3.weight": "sparse_coo"}
+    assert layouts == {"fc1.weight": "sparse_csr", "fc2.weight": "sparse_bsr", "fc3.weight": "sparse_coo"}
     assert watch.sparse_ops == 3

@@ -58,7 +58,7 @@ class CompiledGraph:
         self._weight_set = frozenset(self._weight_pos)
         self._weights = _weight_snapshot(example_inputs, self._weight_pos)
         self._variants: dict[tuple, Callable[[Sequence[Any]], Any]] = {}
-        self.states: list[Any] = []  # PipelineState of each successful compile, newest last
+        self.states: list[Any] = []  # PipelineState of each live compiled variant, newest last
         self.compiles = 0
         self.fallbacks = 0
         CompiledGraph._serial += 1
@@ -115,6 +115,7 @@ class CompiledGraph:
             )
         log.info("sparsecc: weights of graph %d changed after compiling; recompiling", self.serial)
         self._variants.clear()
+        self.states.clear()  # their kernels hold the old weights
         self._weights = _weight_snapshot(args, self._weight_pos)
 
     def report(self) -> str:
