@@ -16,6 +16,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 import sparsecc
+import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.sparsify import prune_linears_
 from sparsecc.timing import interleaved, timing_table
 from sparsecc.tolerances import assert_outputs_close
@@ -54,8 +55,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    print(f"threads: torch {torch.get_num_threads()}, sparsecc/TVM {torch.get_num_threads()}; "
-          f"torch {torch.__version__}, sparsecc {sparsecc.__version__}, {platform.processor() or platform.machine()}")
+    import os
+
+    import tvm
+
+    print(f"threads: torch {torch.get_num_threads()}, TVM {tvm.runtime.num_threads()} "
+          f"(TVM_BIND_THREADS={os.environ.get('TVM_BIND_THREADS')}, "
+          f"TVM_THREAD_POOL_SPIN_COUNT={os.environ.get('TVM_THREAD_POOL_SPIN_COUNT')}); "
+          f"torch {torch.__version__}, sparsecc {sparsecc.__version__}, {platform.machine()}")
     rows = [measure(s, args.repeats, args.peers) for s in args.sparsity]
     if args.json:
         with open(args.json, "w") as f:

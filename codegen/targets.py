@@ -71,4 +71,11 @@ def configure_threads(num_threads: int) -> int:
     return used
 
 
+# TVM offers no API for these two, only variables read when its pool starts; a value the user set wins.
+# - TVM pins its workers, and the calling thread, to cores; PyTorch's OpenMP threads created later inherit
+#   the pin, and eager PyTorch ran up to 1.7x slower here.
+# - Idle TVM workers spin on the cores PyTorch's threads need next; with spinning, BERT-base at 90 % took
+#   178-230 ms instead of 118 ms without it (docs/benchmarks.md).
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 configure_threads(torch.get_num_threads())
