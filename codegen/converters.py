@@ -75,11 +75,6 @@ def _static_float(node: fx.Node) -> bool:
     return all(i is not None and i[1] in FLOAT_DTYPES for i in infos)
 
 
-def _out_type(node: fx.Node) -> relax.TensorType:
-    shape, dtype = shape_dtype(node)
-    return relax.TensorType(shape, dtype_name(dtype))
-
-
 def _csr_check(node: fx.Node) -> bool:
     x, indptr, indices, values, bias, _ = node.args
     xs, vs = shape_dtype(x), shape_dtype(values)

@@ -5,7 +5,7 @@
 """
 
 from sparsecc import ops  # noqa: F401  (registers the sparsecc:: custom ops)
-from sparsecc.api import compile, densify_sparse_weights, register_backend
+from sparsecc.api import _installed_as_entry_point, compile, densify_sparse_weights, register_backend
 from sparsecc.errors import (
     OptionError,
     SparseccError,
@@ -19,6 +19,11 @@ from sparsecc.runtime.compiled import CompiledGraph, compiled_graphs
 from sparsecc.settings import Settings
 
 __version__ = "0.1.0"
+
+# Installed, dynamo finds the backend through the entry point and imports this package itself; registering
+# here too would make dynamo's own registration fail as a duplicate. From a source tree, register now.
+if not _installed_as_entry_point():
+    register_backend()
 
 __all__ = [
     "CompiledGraph", "FormatChoice", "OptionError", "Settings", "SparseFormat", "SparsePlan", "SparseccError",

@@ -58,9 +58,6 @@ class Settings:
             raise OptionError(f"option 'num_threads' must be >= 1 or None, got {settings.num_threads}.")
         return settings
 
-    def replace(self, **changes: Any) -> "Settings":
-        return Settings.from_options({**dataclasses.asdict(self), **changes})
-
 
 def _check_type(key: str, value: Any, hint: Any) -> None:
     origin = typing.get_origin(hint)
