@@ -15,7 +15,7 @@ from torch import fx
 from tvm import relax
 
 from sparsecc import ops as _sparse_ops  # noqa: F401  (registers the sparsecc:: ops)
-from sparsecc.codegen.kernels.csr import csr_linear_kernel
+from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
 from sparsecc.passes.graph_utils import shape_dtype
 
 aten = torch.ops.aten
@@ -75,24 +75,31 @@ def _static_float(node: fx.Node) -> bool:
     return all(i is not None and i[1] in FLOAT_DTYPES for i in infos)
 
 
-def _csr_check(node: fx.Node) -> bool:
-    x, indptr, indices, values, bias, _ = node.args
+def _sparse_check(node: fx.Node) -> bool:
+    x, indptr, indices, values, bias, out_features = node.args
     xs, vs = shape_dtype(x), shape_dtype(values)
-    ok = xs is not None and vs is not None and len(xs[0]) == 2 and xs[1] == vs[1] and xs[1] in FLOAT_DTYPES
-    ok = ok and all(shape_dtype(a) is not None and shape_dtype(a)[1] == torch.int32 for a in (indptr, indices))
-    return ok and (bias is None or (shape_dtype(bias) is not None and shape_dtype(bias)[1] == xs[1]))
+    if xs is None or vs is None or len(xs[0]) != 2 or len(vs[0]) != 3 or xs[1] != vs[1] or xs[1] not in FLOAT_DTYPES:
+        return False
+    _, r, c = vs[0]
+    if out_features % r or xs[0][1] % c:
+        return False
+    if not all(shape_dtype(a) is not None and shape_dtype(a)[1] == torch.int32 for a in (indptr, indices)):
+        return False
+    return bias is None or (shape_dtype(bias) is not None and shape_dtype(bias)[1] == xs[1])
 
 
-@converter(torch.ops.sparsecc.csr_linear.default, check=_csr_check)
-def _csr_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
+@converter(torch.ops.sparsecc.sparse_linear.default, check=_sparse_check)
+def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
     x, indptr, indices, values, bias, out_features = args
     (m, k), dtype = shape_dtype(node.args[0])
     dt = dtype_name(dtype)
     if bias is None:
         bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(out_features, dtype=dtype)))
-    gv = ctx.kernel(("csr_linear", m, out_features, k, dt),
-                    lambda: csr_linear_kernel(m, out_features, k, dt),
-                    f"csr_linear_{m}x{out_features}x{k}_{dt}")
+    block = tuple(shape_dtype(node.args[3])[0][1:])
+    fmt = "csr" if block == (1, 1) else f"bsr{block[0]}x{block[1]}"
+    gv = ctx.kernel(("sparse_linear", m, out_features, k, block, dt),
+                    lambda: bsr_linear_kernel(m, out_features, k, block, dt),
+                    f"{fmt}_linear_{m}x{out_features}x{k}_{dt}")
     return relax.call_tir(gv, [x, indptr, indices, values, bias], relax.TensorType((m, out_features), dt))
 
 

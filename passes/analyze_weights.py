@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import fx
 
-from sparsecc.formats import WeightSparsity, WeightUse
+from sparsecc.formats import BlockStats, WeightSparsity, WeightUse
 from sparsecc.passes.fold_constants import LAYOUT, ORIGIN
 from sparsecc.passes.graph_utils import constant_of
 from sparsecc.settings import Settings
@@ -33,15 +33,22 @@ MATMUL_OPERANDS = {
 
 META_KEY = "sparsecc"
 
+# Block shapes (rows of the (out, in) matrix x columns) whose fill analysis measures; the BSR kernel takes any.
+BLOCK_SHAPES = ((1, 4), (4, 1), (8, 1), (16, 1), (4, 4), (8, 8))
+# The weight is the right operand here, multiplied as its transpose (in, out).
+RIGHT_OPERANDS = {(aten.mm.default, 1), (aten.addmm.default, 2)}
+
 
 def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
     uses: dict[fx.Node, list[WeightUse]] = {}
+    right: dict[fx.Node, bool] = {}  # orientation of the first use
     for node in gm.graph.nodes:
         positions = MATMUL_OPERANDS.get(node.target) if node.op == "call_function" else None
         for pos in positions or ():
             arg = node.args[pos] if pos < len(node.args) else None
             if isinstance(arg, fx.Node) and constant_of(gm, arg) is not None:
                 uses.setdefault(arg, []).append(WeightUse(str(node.target), pos, node.name))
+                right.setdefault(arg, (node.target, pos) in RIGHT_OPERANDS)
 
     for node, node_uses in uses.items():
         tensor = constant_of(gm, node)
@@ -52,9 +59,23 @@ def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
             nnz=int(torch.count_nonzero(tensor)),
             source_layout=node.meta.get(LAYOUT, "strided"),
             uses=tuple(node_uses),
+            blocks=block_stats(tensor.t() if right[node] else tensor) if tensor.dim() == 2 else (),
         )
     log.debug("analysis: %d weights feed matrix products", len(uses))
     return gm
+
+
+def block_stats(matrix: torch.Tensor) -> tuple[BlockStats, ...]:
+    """Non-empty blocks of each shape in BLOCK_SHAPES that divides the (out, in) matrix, counted without loops."""
+    n, k = matrix.shape
+    nonzero = matrix != 0
+    stats = []
+    for r, c in BLOCK_SHAPES:
+        if n % r or k % c:
+            continue
+        occupied = nonzero.reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
+        stats.append(BlockStats(r, c, int(occupied.sum()), occupied.numel()))
+    return tuple(stats)
 
 
 def analysed_weights(gm: fx.GraphModule) -> dict[str, WeightSparsity]:

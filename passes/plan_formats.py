@@ -1,8 +1,8 @@
-"""Plan: choose a storage format per analysed weight (dense or CSR in the spine) and say why.
+"""Plan: choose a storage format per analysed weight (dense, CSR or BSR with some block shape) and say why.
 
-The cost estimate is deliberately simple until the cost model lands: CSR time relative to dense grows
-linearly with density and breaks even at `csr_max_density`, the density measured as break-even for the
-spine's kernel at BERT shapes.
+The cost estimate is deliberately simple until the cost model lands: a sparse format's time relative to dense
+grows linearly with the fraction of the weight it stores, and breaks even at a density measured for each
+block shape with benchmarks/linear_kernels.py (CSR: `csr_max_density`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 SPARSE_DTYPES = ("float32", "float64")
 # Uses the CSR rewrite can take: a 2-D matrix product with the weight in either operand.
 CSR_USES = {("aten.mm.default", 0), ("aten.mm.default", 1), ("aten.addmm.default", 1), ("aten.addmm.default", 2)}
+
+# Stored density at which BSR with (rows, cols) blocks costs as much as dense. Each block reuses a loaded run
+# of activations for its rows, so taller blocks break even at higher densities.
+BSR_BREAK_EVEN = {(1, 4): 0.3, (4, 1): 0.4, (8, 1): 0.5, (16, 1): 0.55, (4, 4): 0.5, (8, 8): 0.6}
 
 
 def plan_formats(gm: fx.GraphModule, settings: Settings) -> SparsePlan:
@@ -45,10 +49,18 @@ def choose_format(w: WeightSparsity, settings: Settings) -> FormatChoice:
         return dense(f"{w.numel} elements < min_weight_numel {settings.min_weight_numel}")
     if w.nnz == 0:
         return FormatChoice(SparseFormat.CSR, None, 0.0, "all zeros")
-    if w.density > settings.csr_max_density:
-        return dense(f"density {w.density:.3f} > csr_max_density {settings.csr_max_density}")
-    est = w.density / settings.csr_max_density if settings.csr_max_density else 0.0
-    return FormatChoice(
-        SparseFormat.CSR, None, est,
-        f"density {w.density:.3f} <= csr_max_density {settings.csr_max_density}: CSR predicted at {est:.2f}x dense",
-    )
+    candidates = {(1, 1): w.density / settings.csr_max_density if settings.csr_max_density else float("inf")}
+    for b in w.blocks:
+        if (b.rows, b.cols) in BSR_BREAK_EVEN:
+            candidates[(b.rows, b.cols)] = b.stored_density / BSR_BREAK_EVEN[(b.rows, b.cols)]
+    block, est = min(candidates.items(), key=lambda kv: (kv[1], kv[0] != (1, 1)))
+    others = ", ".join(f"{_name(b)} {e:.2f}x" for b, e in sorted(candidates.items(), key=lambda kv: kv[1]))
+    if est >= 1.0:
+        return dense(f"density {w.density:.3f}: no sparse format predicted faster than dense ({others})")
+    fmt = SparseFormat.CSR if block == (1, 1) else SparseFormat.BSR
+    return FormatChoice(fmt, None if block == (1, 1) else block, est,
+                        f"density {w.density:.3f}: {_name(block)} predicted at {est:.2f}x dense ({others})")
+
+
+def _name(block: tuple[int, int]) -> str:
+    return "csr" if block == (1, 1) else f"bsr{block[0]}x{block[1]}"

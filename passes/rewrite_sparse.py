@@ -1,10 +1,11 @@
-"""Rewrite: replace matrix products with a CSR-planned constant operand by `sparsecc::csr_linear`.
+"""Rewrite: replace matrix products with a sparse-planned constant operand by `sparsecc::sparse_linear`.
 
-    addmm(b, x, Wt) / mm(x, Wt)   (weight on the right, Wt = W^T is (K, N))  ->  csr_linear(x, W, b)
-    mm(W, x) / addmm(b, W, x)     (weight on the left, W is (N, K))          ->  csr_linear(x^T, W)^T (+ b)
+    addmm(b, x, Wt) / mm(x, Wt)   (weight on the right, Wt = W^T is (K, N))  ->  sparse_linear(x, W, b)
+    mm(W, x) / addmm(b, W, x)     (weight on the left, W is (N, K))          ->  sparse_linear(x^T, W)^T (+ b)
 
 The bias is fused into the op when it is a vector of the output width; other broadcasts stay an add.
-Packed arrays are graph constants, shared when one weight is used in several places.
+W is packed in the planned format: CSR is BSR with 1 x 1 blocks. Packed arrays are graph constants, shared
+when one weight is used in several places.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import torch
 from torch import fx
 
 from sparsecc.formats import SparseFormat, SparsePlan
-from sparsecc.ops import pack_csr
+from sparsecc.ops import pack_blocks
 from sparsecc.passes.graph_utils import add_constant, constant_of, drop_unused_constants, shape_dtype
 from sparsecc.settings import Settings
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-REWRITTEN = "sparsecc_rewritten"  # node.meta key on each csr_linear node: the weight's attribute name
+REWRITTEN = "sparsecc_rewritten"  # node.meta key on each sparse_linear node: the weight's attribute name
 
 
 def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> fx.GraphModule:
-    csr_weights = {k for k, c in plan.choices.items() if c.format is SparseFormat.CSR}
+    blocks = {k: c.block or (1, 1) for k, c in plan.choices.items() if c.format is not SparseFormat.DENSE}
     packed: dict[tuple[str, bool], tuple[fx.Node, fx.Node, fx.Node]] = {}
     count = 0
     for node in list(gm.graph.nodes):
@@ -39,25 +40,25 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
         else:
             bias, (a, b) = None, node.args[:2]
         for weight, x, on_right in ((b, a, True), (a, b, False)):
-            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in csr_weights:
-                _replace(gm, node, weight, x, bias, on_right, packed)
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in blocks:
+                _replace(gm, node, weight, x, bias, on_right, blocks[weight.target], packed)
                 count += 1
                 break
     drop_unused_constants(gm)
     gm.graph.lint()
-    log.info("rewrite: %d matrix products now use sparsecc::csr_linear", count)
+    log.info("rewrite: %d matrix products now use sparsecc::sparse_linear", count)
     return gm
 
 
-def _replace(gm, node, weight, x, bias, on_right, packed) -> None:
+def _replace(gm, node, weight, x, bias, on_right, block, packed) -> None:
     tensor = constant_of(gm, weight)
-    # csr_linear wants W as (out, in) rows; a right operand holds W^T.
+    # sparse_linear wants W as (out, in) rows; a right operand holds W^T.
     key = (weight.target, on_right)
     if key not in packed:
         matrix = tensor.t() if on_right else tensor
-        arrays = pack_csr(matrix)
+        arrays = pack_blocks(matrix, block)
         packed[key] = tuple(
-            add_constant(gm, f"{weight.target}_csr_{part}", arr, before=node)
+            add_constant(gm, f"{weight.target}_packed_{part}", arr, before=node)
             for part, arr in zip(("indptr", "indices", "values"), arrays)
         )
     indptr, indices, values = packed[key]
@@ -67,11 +68,11 @@ def _replace(gm, node, weight, x, bias, on_right, packed) -> None:
     with graph.inserting_before(node):
         if on_right:
             y = sparse = graph.call_function(
-                torch.ops.sparsecc.csr_linear.default,
+                torch.ops.sparsecc.sparse_linear.default,
                 (x, indptr, indices, values, bias if fuse_bias else None, out_features))
         else:
             xt = graph.call_function(aten.t.default, (x,))
-            sparse = graph.call_function(torch.ops.sparsecc.csr_linear.default,
+            sparse = graph.call_function(torch.ops.sparsecc.sparse_linear.default,
                                      (xt, indptr, indices, values, None, out_features))
             y = graph.call_function(aten.t.default, (sparse,))
         if bias is not None and not fuse_bias:

@@ -11,6 +11,22 @@ from typing import Any, Mapping
 class SparseFormat(str, enum.Enum):
     DENSE = "dense"
     CSR = "csr"
+    BSR = "bsr"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStats:
+    """How a weight, seen as (out, in), fills r x c blocks: `blocks` of them hold a non-zero."""
+
+    rows: int
+    cols: int
+    blocks: int
+    total_blocks: int
+
+    @property
+    def stored_density(self) -> float:
+        """Fraction of the weight a BSR copy with this block shape stores (zeros inside blocks included)."""
+        return self.blocks / self.total_blocks if self.total_blocks else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +49,15 @@ class WeightSparsity:
     # "strided" for ordinary tensors; "sparse_csr" etc. when the user held the weight in a torch.sparse layout.
     source_layout: str
     uses: tuple[WeightUse, ...]
+    # Block structure of the (out, in) matrix for each block shape that divides it.
+    blocks: tuple[BlockStats, ...] = ()
+
+    def block_fill(self, rows: int, cols: int) -> float:
+        """Mean fraction of a stored r x c block that is non-zero (1.0 = perfectly block-structured)."""
+        for b in self.blocks:
+            if (b.rows, b.cols) == (rows, cols):
+                return self.nnz / (b.blocks * rows * cols) if b.blocks else 1.0
+        raise KeyError(f"no statistics for {rows}x{cols} blocks")
 
     @property
     def numel(self) -> int:
@@ -95,6 +120,7 @@ def _weight_to_dict(w: WeightSparsity) -> dict[str, Any]:
     d = dataclasses.asdict(w)
     d["shape"] = list(w.shape)
     d["uses"] = [dataclasses.asdict(u) for u in w.uses]
+    d["blocks"] = [dataclasses.asdict(b) for b in w.blocks]
     return d
 
 
@@ -102,4 +128,5 @@ def _weight_from_dict(d: dict[str, Any]) -> WeightSparsity:
     return WeightSparsity(
         name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], nnz=int(d["nnz"]),
         source_layout=d["source_layout"], uses=tuple(WeightUse(**u) for u in d["uses"]),
+        blocks=tuple(BlockStats(**b) for b in d.get("blocks", ())),
     )

@@ -8,11 +8,11 @@ import warnings
 import torch
 
 # torch warns that CSR support is "beta" on first use; sparsecc relies only on the long-stable pieces.
-_CSR_BETA = "Sparse CSR tensor support is in beta state"
+_SPARSE_BETA = "Sparse CSR tensor support is in beta state"
 
 
-@torch.library.custom_op("sparsecc::csr_linear", mutates_args=())
-def csr_linear(
+@torch.library.custom_op("sparsecc::sparse_linear", mutates_args=())
+def sparse_linear(
     x: torch.Tensor,
     indptr: torch.Tensor,
     indices: torch.Tensor,
@@ -20,27 +20,37 @@ def csr_linear(
     bias: torch.Tensor | None,
     out_features: int,
 ) -> torch.Tensor:
-    """y = x @ W^T + bias, where W (out_features x in_features) is given in CSR form and x is 2-D."""
+    """y = x @ W^T + bias for 2-D x, with W (out_features x in_features) in block-sparse rows:
+    `values` is (stored blocks, r, c); CSR is the 1 x 1 case."""
+    _, r, c = values.shape
+    size = (out_features, x.shape[1])
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_CSR_BETA)
-        weight = torch.sparse_csr_tensor(indptr, indices, values, (out_features, x.shape[1]), check_invariants=False)
-    y = (weight @ x.t()).t()
+        warnings.filterwarnings("ignore", message=_SPARSE_BETA)
+        if (r, c) == (1, 1):
+            weight = torch.sparse_csr_tensor(indptr, indices, values.reshape(-1), size, check_invariants=False)
+            y = (weight @ x.t()).t()
+        else:  # torch's CPU BSR matmul rejects non-square blocks; the reference expands instead
+            weight = torch.sparse_bsr_tensor(indptr, indices, values, size, check_invariants=False).to_dense()
+            y = x @ weight.t()
     if bias is not None:
         y = y + bias
     return y.contiguous()
 
 
-@csr_linear.register_fake
+@sparse_linear.register_fake
 def _(x, indptr, indices, values, bias, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
-def pack_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense (N, K) -> int32 row pointers, int32 column indices and values; keeps only exact non-zeros."""
+def pack_blocks(weight: torch.Tensor, block: tuple[int, int] = (1, 1)) -> tuple[torch.Tensor, ...]:
+    """Dense (N, K) -> int32 block-row pointers, int32 block-column indices, values (stored blocks, r, c).
+    Only blocks holding a non-zero are stored; (1, 1) blocks are CSR."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_CSR_BETA)
-        csr = weight.detach().contiguous().to_sparse_csr()
-    return (csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values().clone())
+        warnings.filterwarnings("ignore", message=_SPARSE_BETA)
+        w = weight.detach().contiguous()
+        packed = w.to_sparse_csr() if block == (1, 1) else w.to_sparse_bsr(block)
+    values = packed.values().reshape(-1, *block).clone()
+    return packed.crow_indices().to(torch.int32), packed.col_indices().to(torch.int32), values
 
 
-SPARSE_OPS = frozenset({torch.ops.sparsecc.csr_linear.default})
+SPARSE_OPS = frozenset({torch.ops.sparsecc.sparse_linear.default})

@@ -7,14 +7,17 @@ from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity, WeightUse
-from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights
+from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights, block_stats
+from sparsecc.passes.fold_constants import fold_constants
 from sparsecc.passes.plan_formats import choose_format, plan_formats
 from sparsecc.settings import Settings
 
 
 def traced(fn, *inputs):
+    """make_fx plus capture's constant folding, so `w.t()` reaches analysis as the folded weight."""
     with torch.no_grad():
-        return make_fx(fn)(*inputs)
+        gm = make_fx(fn)(*inputs)
+    return fold_constants(gm, Settings())
 
 
 def sparse_matrix(rows, cols, density, seed=0):
@@ -70,8 +73,8 @@ def weight(density, shape=(64, 64), dtype="float32", uses=(("aten.addmm.default"
 
 
 @pytest.mark.parametrize("w, fmt, fragment", [
-    (weight(0.1), SparseFormat.CSR, "<= csr_max_density"),
-    (weight(0.5), SparseFormat.DENSE, "> csr_max_density"),
+    (weight(0.1), SparseFormat.CSR, "csr predicted at 0.40x dense"),
+    (weight(0.5), SparseFormat.DENSE, "no sparse format predicted faster than dense (csr 2.00x)"),
     (weight(0.0), SparseFormat.CSR, "all zeros"),
     (weight(0.1, dtype="bfloat16"), SparseFormat.DENSE, "dtype bfloat16"),
     (weight(0.1, shape=(8, 8)), SparseFormat.DENSE, "< min_weight_numel"),
@@ -106,3 +109,37 @@ def test_plan_json_round_trip(entries):
     text = plan.to_json()
     assert SparsePlan.from_json(text) == plan
     assert json.loads(text)["version"] == 1
+
+
+def block_pruned(n, k, block, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r, c = block
+    occupied = torch.rand(n // r, k // c, generator=g) < density
+    return torch.randn(n, k, generator=g) * occupied.repeat_interleave(r, 0).repeat_interleave(c, 1)
+
+
+@pytest.mark.parametrize("block", [(4, 1), (8, 1), (16, 1), (4, 4), (8, 8)])
+def test_block_structure_is_detected_and_chosen(block):
+    w = block_pruned(128, 256, block, 0.1)
+    stats = {(b.rows, b.cols): b for b in block_stats(w)}
+    occupied = int((w.reshape(128 // block[0], block[0], 256 // block[1], block[1]) != 0).any(3).any(1).sum())
+    assert stats[block].blocks == occupied
+    ws = WeightSparsity("w", (128, 256), "float32", int((w != 0).sum()), "strided",
+                        (WeightUse("aten.mm.default", 0, "mm"),), tuple(stats.values()))
+    assert ws.block_fill(*block) == pytest.approx(1.0)
+    choice = choose_format(ws, Settings())
+    assert choice.format is SparseFormat.BSR and choice.block == block and "bsr" in choice.reason
+
+
+def test_blocks_measured_in_out_by_in_orientation():
+    w = block_pruned(64, 32, (16, 1), 0.2)  # (out, in) with 16 x 1 blocks
+    gm = analyze_weights(traced(lambda x: x @ w.t(), torch.randn(3, 32)), Settings())  # used as W^T on the right
+    found = only_weight(gm)
+    assert found.block_fill(16, 1) == pytest.approx(1.0)
+
+
+def test_unstructured_weight_prefers_csr():
+    w = sparse_matrix(128, 128, 0.08)
+    ws = WeightSparsity("w", (128, 128), "float32", int((w != 0).sum()), "strided",
+                        (WeightUse("aten.mm.default", 0, "mm"),), block_stats(w))
+    assert choose_format(ws, Settings()).format is SparseFormat.CSR

@@ -7,18 +7,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import relax
 
-from sparsecc.codegen.kernels.csr import csr_linear_kernel
+from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
 from sparsecc.codegen.targets import host_target
-from sparsecc.ops import pack_csr
+from sparsecc.ops import pack_blocks
+
+BLOCKS = [(1, 1), (1, 4), (4, 1), (8, 1), (16, 1), (4, 4), (8, 8)]
 
 
-def run_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def run_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, block=(1, 1)) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
     dtype = str(x.dtype).removeprefix("torch.")
-    mod = tvm.IRModule({"kernel": csr_linear_kernel(m, n, k, dtype).with_attr("global_symbol", "kernel")})
+    mod = tvm.IRModule({"kernel": bsr_linear_kernel(m, n, k, block, dtype).with_attr("global_symbol", "kernel")})
     lib = tvm.compile(mod, target=host_target(2))
-    arrays = [x, *pack_csr(w), bias if bias is not None else torch.zeros(n, dtype=x.dtype)]
+    arrays = [x, *pack_blocks(w, block), bias if bias is not None else torch.zeros(n, dtype=x.dtype)]
     out = torch.empty(m, n, dtype=x.dtype)
     lib["kernel"](*[tvm.runtime.from_dlpack(a.contiguous()) for a in arrays], tvm.runtime.from_dlpack(out))
     return out
@@ -29,43 +31,48 @@ def reference(x, w, bias):
     return y + bias if bias is not None else y
 
 
-def pattern(n, k, kind, density, seed):
+def pattern(n, k, kind, density, seed, block=(1, 1)):
+    """A weight whose non-zeros sit in r x c blocks (any pattern is one of 1 x 1 blocks)."""
+    r, c = block
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
-    if kind == "random":
-        w[torch.rand(n, k, generator=g) >= density] = 0
-    elif kind == "empty_rows":
-        w[torch.rand(n, k, generator=g) >= density] = 0
-        w[::2] = 0
+    occupied = torch.rand(n // r, k // c, generator=g) < density
+    if kind == "empty_rows":
+        occupied[::2] = False
     elif kind == "single":
-        single = torch.zeros(n, k)
-        single[n // 2, k // 3] = w[n // 2, k // 3]
-        w = single
+        occupied[:] = False
+        occupied[(n // r) // 2, (k // c) // 3] = True
     elif kind == "dense_rows":
-        w[torch.rand(n, k, generator=g) >= density] = 0
-        w[0] = torch.randn(k, generator=g)
+        occupied[0] = True
     elif kind == "zeros":
-        w = torch.zeros(n, k)
-    return w
+        occupied[:] = False
+    return w * occupied.repeat_interleave(r, 0).repeat_interleave(c, 1)
 
 
-@settings(max_examples=12, deadline=None)
-@given(m=st.integers(1, 70), n=st.integers(1, 50), k=st.integers(1, 50),
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 70), n_blocks=st.integers(1, 12), k_blocks=st.integers(1, 12), block=st.sampled_from(BLOCKS),
        kind=st.sampled_from(["random", "empty_rows", "single", "dense_rows", "zeros"]),
        density=st.floats(0.01, 1.0), with_bias=st.booleans(), seed=st.integers(0, 1000))
-def test_csr_kernel_matches_dense(m, n, k, kind, density, with_bias, seed):
-    w = pattern(n, k, kind, density, seed)
+def test_kernel_matches_dense(m, n_blocks, k_blocks, block, kind, density, with_bias, seed):
+    n, k = n_blocks * block[0], k_blocks * block[1]
+    w = pattern(n, k, kind, density, seed, block)
     x = torch.randn(m, k)
     bias = torch.randn(n) if with_bias else None
-    torch.testing.assert_close(run_kernel(x, w, bias), reference(x, w, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_kernel(x, w, bias, block), reference(x, w, bias), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m", [1, 31, 32, 33, 128])
-def test_csr_kernel_token_tiles_and_fp64(m):
+def test_kernel_token_tiles_and_fp64(m):
     w = pattern(64, 96, "random", 0.1, 7).double()
     x = torch.randn(m, 96, dtype=torch.float64)
     bias = torch.randn(64, dtype=torch.float64)
     torch.testing.assert_close(run_kernel(x, w, bias), reference(x, w, bias))
+
+
+def test_unstructured_weight_in_blocks_keeps_zeros_inside_blocks():
+    w = pattern(32, 32, "random", 0.3, 5)  # unstructured: blocks hold zeros too
+    x = torch.randn(7, 32)
+    torch.testing.assert_close(run_kernel(x, w, None, (4, 4)), reference(x, w, None), rtol=1e-5, atol=1e-5)
 
 
 def test_host_target_names_a_real_cpu():
@@ -100,13 +107,13 @@ def test_relax_module_uses_tir_kernel_for_each_shape():
 def test_tvm_threads_follow_torch_and_the_option():
     from sparsecc.codegen.build import build
 
-    mod = tvm.IRModule({"kernel": csr_linear_kernel(4, 8, 8, "float32").with_attr("global_symbol", "kernel")})
+    mod = tvm.IRModule({"kernel": bsr_linear_kernel(4, 8, 8, (1, 1), "float32").with_attr("global_symbol", "kernel")})
     wrapped = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((4, 8), "float32"))
     with wrapped.function("main", [x]):
         gv = wrapped.add_func(mod["kernel"].without_attr("global_symbol"), "kernel")
         w = pattern(8, 8, "random", 0.5, 3)
-        consts = [relax.const(tvm.runtime.from_dlpack(a)) for a in (*pack_csr(w), torch.zeros(8))]
+        consts = [relax.const(tvm.runtime.from_dlpack(a)) for a in (*pack_blocks(w), torch.zeros(8))]
         out = wrapped.emit(relax.call_tir(gv, [x, *consts], relax.TensorType((4, 8), "float32")))
         wrapped.emit_func_output(out)
     from sparsecc.settings import Settings

@@ -93,7 +93,8 @@ def test_model_without_zeros_stays_dense_and_correct(no_fallback):
     plan = watch.graphs[0].state.plan
     assert watch.sparse_ops == 0 and watch.regions == 0
     assert all(c.format is sparsecc.SparseFormat.DENSE for c in plan.choices.values())
-    assert all("density 1.000 > csr_max_density" in c.reason for c in plan.choices.values())
+    assert all("density 1.000: no sparse format predicted faster than dense" in c.reason
+               for c in plan.choices.values())
 
 
 def test_model_pruned_with_torch_nn_utils_prune(no_fallback):
@@ -201,3 +202,19 @@ def test_sparse_layout_weights_through_sparsecc_compile(no_fallback):
     layouts = {w.name: w.source_layout for w in watch.graphs[0].state.plan.weights.values()}
     assert layouts == {"fc1.weight": "sparse_csr", "fc2.weight": "sparse_bsr", "fc3.weight": "sparse_coo"}
     assert watch.sparse_ops == 3
+
+
+def test_block_pruned_model_uses_bsr(no_fallback):
+    model = OddMLP()
+    model.fc1 = nn.Linear(96, 208)
+    model.fc2 = nn.Linear(208, 53, bias=False)
+    with torch.no_grad():
+        occupied = torch.rand(208 // 16, 96) < 0.1
+        model.fc1.weight.mul_(occupied.repeat_interleave(16, 0))
+    x = torch.randn(2, 9, 96)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1)
+    torch.testing.assert_close(actual, expected, **FP32)
+    choice = watch.graphs[0].state.plan.choices
+    chosen = {watch.graphs[0].state.plan.weights[k].name: (c.format.value, c.block) for k, c in choice.items()}
+    assert chosen["fc1.weight"] == ("bsr", (16, 1))
+    assert watch.sparse_ops == 1 and watch.regions == 1

@@ -58,13 +58,13 @@ def test_stage_error_names_node_and_op(monkeypatch):
     def broken_convert(ctx, node, args):
         raise ValueError("no luck")
 
-    key = torch.ops.sparsecc.csr_linear.default
+    key = torch.ops.sparsecc.sparse_linear.default
     monkeypatch.setitem(converters.CONVERTERS, key, converters.Converter(broken_convert, converters.CONVERTERS[key].check))
     compiled = compile_sparsecc(small_model(), min_weight_numel=1, on_failure="raise")
     with pytest.raises(Exception) as info:
         compiled(torch.randn(4, 32))
     inner = getattr(info.value, "inner_exception", info.value)
-    assert inner.stage == "lower" and inner.op == "sparsecc.csr_linear.default" and inner.node
+    assert inner.stage == "lower" and inner.op == "sparsecc.sparse_linear.default" and inner.node
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -1,0 +1,69 @@
+"""Workload 1: one Linear at BERT-base shapes, 128 tokens, fp32, side by side:
+torch dense (F.linear, MKL), torch.sparse CSR (MKL), and sparsecc through torch.compile (the user's path,
+DLPack crossings included).
+
+    python benchmarks/linear_kernels.py
+    python benchmarks/linear_kernels.py --sparsity 0.9 --shapes 768x768
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+
+import torch
+
+import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
+from sparsecc.sparsify import magnitude_prune_
+from sparsecc.timing import interleaved
+
+SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}  # (out, in)
+
+
+def measure(out_f: int, in_f: int, sparsity: float, tokens: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(in_f, out_f).eval()
+    magnitude_prune_(layer.weight.data, sparsity)
+    x = torch.randn(tokens, in_f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "sparse CSR is beta" notice
+        w_csr = layer.weight.detach().to_sparse_csr()
+    bias = layer.bias.detach()
+    compiled = torch.compile(layer, backend="sparsecc", options={"on_failure": "raise", "min_weight_numel": 1})
+    with torch.no_grad():
+        expected = layer(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.addmm(bias.unsqueeze(1), w_csr, x.t()).t(), expected, rtol=1e-4, atol=1e-4)
+        results = interleaved({
+            "torch dense": lambda: layer(x),
+            "torch.sparse CSR": lambda: torch.addmm(bias.unsqueeze(1), w_csr, x.t()).t(),
+            "sparsecc": lambda: compiled(x),
+        }, repeats=repeats)
+    torch._dynamo.reset()
+    return {k: v.median_ms for k, v in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import tvm
+
+    print(f"threads: torch {torch.get_num_threads()}, TVM {tvm.runtime.num_threads()}; {args.tokens} tokens, fp32; "
+          f"medians of {args.repeats} interleaved runs, ms")
+    print(f"{'weight (out x in)':<18}{'sparsity':>9}{'dense':>9}{'CSR':>9}{'sparsecc':>10}"
+          f"{'vs dense':>10}{'vs CSR':>8}")
+    for shape in args.shapes:
+        for s in args.sparsity:
+            r = measure(*SHAPES[shape], s, args.tokens, args.repeats)
+            d, c, ours = r["torch dense"], r["torch.sparse CSR"], r["sparsecc"]
+            print(f"{shape:<18}{s:>9.0%}{d:>9.3f}{c:>9.3f}{ours:>10.3f}{d / ours:>9.2f}x{c / ours:>7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
