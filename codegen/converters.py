@@ -15,6 +15,7 @@ from torch import fx
 from tvm import relax
 
 from sparsecc import ops as _sparse_ops  # noqa: F401  (registers the sparsecc:: ops)
+from sparsecc.codegen.kernels.bsr import ACTIVATIONS as KERNEL_ACTIVATIONS
 from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
 from sparsecc.passes.graph_utils import shape_dtype
 
@@ -75,8 +76,13 @@ def _static_float(node: fx.Node) -> bool:
     return all(i is not None and i[1] in FLOAT_DTYPES for i in infos)
 
 
+def _sparse_args(args: tuple) -> tuple:
+    """sparse_linear's arguments with the defaults of activation and residual filled in."""
+    return tuple(args) + ("none", None)[len(args) - 6:]
+
+
 def _sparse_check(node: fx.Node) -> bool:
-    x, indptr, indices, values, bias, out_features = node.args
+    x, indptr, indices, values, bias, out_features, activation, residual = _sparse_args(node.args)
     xs, vs = shape_dtype(x), shape_dtype(values)
     if xs is None or vs is None or len(xs[0]) != 2 or len(vs[0]) != 3 or xs[1] != vs[1] or xs[1] not in FLOAT_DTYPES:
         return False
@@ -85,22 +91,30 @@ def _sparse_check(node: fx.Node) -> bool:
         return False
     if not all(shape_dtype(a) is not None and shape_dtype(a)[1] == torch.int32 for a in (indptr, indices)):
         return False
+    if residual is not None and shape_dtype(residual) != ((xs[0][0], out_features), xs[1]):
+        return False
+    if activation not in KERNEL_ACTIVATIONS:
+        return False
     return bias is None or (shape_dtype(bias) is not None and shape_dtype(bias)[1] == xs[1])
 
 
 @converter(torch.ops.sparsecc.sparse_linear.default, check=_sparse_check)
 def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
-    x, indptr, indices, values, bias, out_features = args
+    x, indptr, indices, values, bias, out_features, activation, residual = _sparse_args(args)
     (m, k), dtype = shape_dtype(node.args[0])
     dt = dtype_name(dtype)
     if bias is None:
         bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(out_features, dtype=dtype)))
     block = tuple(shape_dtype(node.args[3])[0][1:])
     fmt = "csr" if block == (1, 1) else f"bsr{block[0]}x{block[1]}"
-    gv = ctx.kernel(("sparse_linear", m, out_features, k, block, dt),
-                    lambda: bsr_linear_kernel(m, out_features, k, block, dt),
-                    f"{fmt}_linear_{m}x{out_features}x{k}_{dt}")
-    return relax.call_tir(gv, [x, indptr, indices, values, bias], relax.TensorType((m, out_features), dt))
+    has_residual = residual is not None
+    if residual is None:
+        residual = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, 1, dtype=dtype)))
+    epilogue = ("" if activation == "none" else f"_{activation}") + ("_residual" if has_residual else "")
+    gv = ctx.kernel(("sparse_linear", m, out_features, k, block, dt, activation, has_residual),
+                    lambda: bsr_linear_kernel(m, out_features, k, block, dt, activation, has_residual),
+                    f"{fmt}_linear_{m}x{out_features}x{k}_{dt}{epilogue}")
+    return relax.call_tir(gv, [x, indptr, indices, values, bias, residual], relax.TensorType((m, out_features), dt))
 
 
 @converter(*VIEW_OPS, check=_static)

@@ -10,6 +10,13 @@ import torch
 # torch warns that CSR support is "beta" on first use; sparsecc relies only on the long-stable pieces.
 _SPARSE_BETA = "Sparse CSR tensor support is in beta state"
 
+ACTIVATIONS = {
+    "none": lambda y: y,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda y: torch.nn.functional.gelu(y, approximate="tanh"),
+}
+
 
 @torch.library.custom_op("sparsecc::sparse_linear", mutates_args=())
 def sparse_linear(
@@ -19,9 +26,12 @@ def sparse_linear(
     values: torch.Tensor,
     bias: torch.Tensor | None,
     out_features: int,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ W^T + bias for 2-D x, with W (out_features x in_features) in block-sparse rows:
-    `values` is (stored blocks, r, c); CSR is the 1 x 1 case."""
+    """y = activation(x @ W^T + bias) + residual for 2-D x, with W (out_features x in_features) in
+    block-sparse rows: `values` is (stored blocks, r, c); CSR is the 1 x 1 case. activation is one of
+    ACTIVATIONS; residual, if given, is (rows of x, out_features)."""
     _, r, c = values.shape
     size = (out_features, x.shape[1])
     with warnings.catch_warnings():
@@ -34,11 +44,14 @@ def sparse_linear(
             y = x @ weight.t()
     if bias is not None:
         y = y + bias
+    y = ACTIVATIONS[activation](y)
+    if residual is not None:
+        y = y + residual
     return y.contiguous()
 
 
 @sparse_linear.register_fake
-def _(x, indptr, indices, values, bias, out_features):
+def _(x, indptr, indices, values, bias, out_features, activation="none", residual=None):
     return x.new_empty((x.shape[0], out_features))
 
 

@@ -18,6 +18,7 @@ from sparsecc.errors import SparseccError, StageError
 from sparsecc.formats import SparsePlan
 from sparsecc.ops import SPARSE_OPS
 from sparsecc.passes.analyze_weights import analyze_weights
+from sparsecc.passes.fuse_epilogues import fuse_epilogues
 from sparsecc.passes.partition_regions import partition_regions
 from sparsecc.passes.plan_formats import plan_formats
 from sparsecc.passes.rewrite_sparse import rewrite_sparse
@@ -68,6 +69,7 @@ def _plan(s: PipelineState) -> None:
 
 def _rewrite(s: PipelineState) -> None:
     rewrite_sparse(s.gm, s.settings, s.plan)
+    fuse_epilogues(s.gm, s.settings)
     s.sparse_ops = sum(1 for n in s.gm.graph.nodes if n.op == "call_function" and n.target in SPARSE_OPS)
     # Records every node's shape for the later stages, and shows the rewritten graph runs in eager PyTorch.
     with torch.no_grad():

@@ -9,26 +9,30 @@ from tvm import relax
 
 from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
 from sparsecc.codegen.targets import host_target
-from sparsecc.ops import pack_blocks
+from sparsecc.ops import ACTIVATIONS, pack_blocks
 
 BLOCKS = [(1, 1), (1, 4), (4, 1), (8, 1), (16, 1), (4, 4), (8, 8)]
 
 
-def run_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, block=(1, 1)) -> torch.Tensor:
+def run_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, block=(1, 1), activation="none",
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
     dtype = str(x.dtype).removeprefix("torch.")
-    mod = tvm.IRModule({"kernel": bsr_linear_kernel(m, n, k, block, dtype).with_attr("global_symbol", "kernel")})
-    lib = tvm.compile(mod, target=host_target(2))
-    arrays = [x, *pack_blocks(w, block), bias if bias is not None else torch.zeros(n, dtype=x.dtype)]
+    kernel = bsr_linear_kernel(m, n, k, block, dtype, activation, residual is not None)
+    lib = tvm.compile(tvm.IRModule({"kernel": kernel.with_attr("global_symbol", "kernel")}), target=host_target(2))
+    arrays = [x, *pack_blocks(w, block), bias if bias is not None else torch.zeros(n, dtype=x.dtype),
+              residual if residual is not None else torch.zeros(1, 1, dtype=x.dtype)]
     out = torch.empty(m, n, dtype=x.dtype)
     lib["kernel"](*[tvm.runtime.from_dlpack(a.contiguous()) for a in arrays], tvm.runtime.from_dlpack(out))
     return out
 
 
-def reference(x, w, bias):
+def reference(x, w, bias, activation="none", residual=None):
     y = x @ w.t()
-    return y + bias if bias is not None else y
+    y = y + bias if bias is not None else y
+    y = ACTIVATIONS[activation](y)
+    return y + residual if residual is not None else y
 
 
 def pattern(n, k, kind, density, seed, block=(1, 1)):
@@ -59,6 +63,17 @@ def test_kernel_matches_dense(m, n_blocks, k_blocks, block, kind, density, with_
     x = torch.randn(m, k)
     bias = torch.randn(n) if with_bias else None
     torch.testing.assert_close(run_kernel(x, w, bias, block), reference(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("block", [(1, 1), (8, 1)])
+def test_fused_epilogues(activation, with_residual, block):
+    w = pattern(32, 48, "random", 0.2, 11, block)
+    x, bias = torch.randn(37, 48), torch.randn(32)
+    residual = torch.randn(37, 32) if with_residual else None
+    torch.testing.assert_close(run_kernel(x, w, bias, block, activation, residual),
+                               reference(x, w, bias, activation, residual), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m", [1, 31, 32, 33, 128])
@@ -113,7 +128,7 @@ def test_tvm_threads_follow_torch_and_the_option():
     with wrapped.function("main", [x]):
         gv = wrapped.add_func(mod["kernel"].without_attr("global_symbol"), "kernel")
         w = pattern(8, 8, "random", 0.5, 3)
-        consts = [relax.const(tvm.runtime.from_dlpack(a)) for a in (*pack_blocks(w), torch.zeros(8))]
+        consts = [relax.const(tvm.runtime.from_dlpack(a)) for a in (*pack_blocks(w), torch.zeros(8), torch.zeros(1, 1))]
         out = wrapped.emit(relax.call_tir(gv, [x, *consts], relax.TensorType((4, 8), "float32")))
         wrapped.emit_func_output(out)
     from sparsecc.settings import Settings

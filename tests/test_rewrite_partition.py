@@ -125,3 +125,45 @@ def test_regions_never_form_cycles(data):
     x = torch.randn(3)
     torch.testing.assert_close(fused(x), gm(x))
     assert len([m for m in fused.graph.nodes if str(m.target).startswith(REGION_PREFIX)]) == len(regions)
+
+
+def fused(fn, *inputs):
+    from sparsecc.passes.fuse_epilogues import fuse_epilogues
+
+    gm = rewritten(fn, *inputs)
+    return fuse_epilogues(gm, S)
+
+
+W2 = sparse_matrix(48, 48, seed=3)
+
+
+@pytest.mark.parametrize("name, fn, activation, residual", [
+    ("gelu_through_view", lambda x: torch.nn.functional.gelu(torch.nn.functional.linear(x.view(2, 3, 40), W, B)),
+     "gelu", False),
+    ("relu_2d", lambda x: torch.relu(torch.nn.functional.linear(x, W, B)), "relu", False),
+    ("gelu_tanh", lambda x: torch.nn.functional.gelu(x @ W.t(), approximate="tanh"), "gelu_tanh", False),
+    ("residual_after_relu",
+     lambda x: (lambda r: torch.relu(torch.nn.functional.linear(x, W2[:, :40], B)) + r)(x.repeat(1, 2)[:, :48]),
+     "relu", True),
+    ("residual_3d", lambda x: torch.nn.functional.linear(x.view(2, 3, 40), W, B) + torch.ones(2, 3, 48), "none", True),
+])
+def test_epilogues_fuse_and_match(name, fn, activation, residual):
+    x = torch.randn(6, 40)
+    gm = fused(fn, x)
+    node = sparse_nodes(gm)[0]
+    args = tuple(node.args) + ("none", None)[len(node.args) - 6:]
+    assert args[6] == activation and (args[7] is not None) == residual
+    remaining = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert not {"aten.relu.default", "aten.gelu.default"} & remaining
+    torch.testing.assert_close(gm(x), fn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_broadcast_add_and_later_residual_are_not_fused():
+    def fn(x):
+        y = torch.nn.functional.linear(x, W, B)
+        return y + B, (x @ W.t()) + torch.relu(x @ W2[:, :40].t() * 2)
+
+    x = torch.randn(5, 40)
+    gm = fused(fn, x)
+    assert all(len(n.args) < 8 or n.args[7] is None for n in sparse_nodes(gm))
+    torch.testing.assert_close(gm(x), fn(x), rtol=1e-5, atol=1e-5)

@@ -23,9 +23,16 @@ TOKEN_TILE = 32
 ROWS_PER_TASK = 8
 
 
-def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, index_dtype: str = "int32"):
-    """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], y[m, n])`.
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
+
+
+def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",
+                      residual: bool = False, index_dtype: str = "int32"):
+    """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], res, y[m, n])` computing
+    y = activation(x @ W^T + bias) + res. `res` is (m, n) when `residual`, else an unused (1, 1) buffer.
     Needs n % r == 0 and k % c == 0 (the planner only picks block shapes that divide the weight)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
     r, c = block
     tile = min(TOKEN_TILE, m)
     m_outer = (m + tile - 1) // tile
@@ -34,9 +41,11 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     group = max(1, ROWS_PER_TASK // r)  # block-rows per task
     tasks = (block_rows + group - 1) // group
     rows = group * r
+    res_shape = (m, n) if residual else (1, 1)
 
     @T.prim_func(private=True)
-    def kernel(x: T.handle, indptr: T.handle, indices: T.handle, values: T.handle, bias: T.handle, y: T.handle):
+    def kernel(x: T.handle, indptr: T.handle, indices: T.handle, values: T.handle, bias: T.handle, res: T.handle,
+               y: T.handle):
         T.func_attr({"tir.noalias": True})
         nb = T.int64()
         X = T.match_buffer(x, (m, k), dtype)
@@ -44,6 +53,7 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
         J = T.match_buffer(indices, (nb,), index_dtype)
         V = T.match_buffer(values, (nb, r, c), dtype)
         B = T.match_buffer(bias, (n,), dtype)
+        R = T.match_buffer(res, res_shape, dtype)
         Y = T.match_buffer(y, (m, n), dtype)
         XT = T.alloc_buffer((k, mp), dtype)
         for kk in T.parallel(k):
@@ -66,10 +76,23 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                                             J[P[task * group + g] + e] * c + j, mo * tile + t]
                         for i in T.serial(r):
                             for t in T.vectorized(tile):
-                                out[g * r + i, mo * tile + t] = acc[i, t]
+                                if activation == "relu":
+                                    out[g * r + i, mo * tile + t] = T.max(acc[i, t], T.cast(0, dtype))
+                                elif activation == "gelu":
+                                    out[g * r + i, mo * tile + t] = acc[i, t] * T.cast(0.5, dtype) * (
+                                        T.cast(1, dtype) + T.erf(acc[i, t] * T.cast(0.7071067811865476, dtype)))
+                                elif activation == "gelu_tanh":
+                                    out[g * r + i, mo * tile + t] = acc[i, t] * T.cast(0.5, dtype) * (
+                                        T.cast(1, dtype) + T.tanh(T.cast(0.7978845608028654, dtype) * (
+                                            acc[i, t] + T.cast(0.044715, dtype) * acc[i, t] * acc[i, t] * acc[i, t])))
+                                else:
+                                    out[g * r + i, mo * tile + t] = acc[i, t]
             for mm in T.serial(m):
                 for i in T.serial(rows):
                     if task * rows + i < n:
-                        Y[mm, task * rows + i] = out[i, mm]
+                        if residual:
+                            Y[mm, task * rows + i] = out[i, mm] + R[mm, task * rows + i]
+                        else:
+                            Y[mm, task * rows + i] = out[i, mm]
 
     return kernel

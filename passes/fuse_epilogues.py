@@ -1,0 +1,95 @@
+"""Fuse what follows a sparse_linear into its epilogue: an activation (ReLU, GELU) and then a residual add.
+
+Each fused op saves a full pass over the layer's output in memory. The pattern is looked for through reshapes,
+because a Linear on 3-D input becomes `view(sparse_linear(view(x)))` and the activation or the add applies to
+the outer view; both commute with a reshape, so they can move inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+from sparsecc.ops import SPARSE_OPS
+from sparsecc.passes.graph_utils import shape_dtype
+from sparsecc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+ACTIVATION, RESIDUAL = 6, 7  # positions in sparse_linear's arguments
+
+
+def _activation(node: fx.Node) -> str | None:
+    if node.target is aten.relu.default:
+        return "relu"
+    if node.target is aten.gelu.default:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
+    return None
+
+
+def fuse_epilogues(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in SPARSE_OPS:
+            continue
+        args = list(node.args) + ["none", None][len(node.args) - 6:]
+        end = _through_reshapes(node)
+        user = _only_user(end)
+        act = _activation(user) if user is not None else None
+        if act is not None and args[ACTIVATION] == "none":
+            args[ACTIVATION] = act
+            user.replace_all_uses_with(end)
+            gm.graph.erase_node(user)
+            user = _only_user(end)
+            fused += 1
+        x_info = shape_dtype(args[0])
+        if x_info is None or user is None or args[RESIDUAL] is not None:
+            node.args = tuple(args)
+            continue
+        out_info = ((x_info[0][0], args[5]), x_info[1]) if end is node else shape_dtype(end)
+        residual = _residual_operand(user, end, out_info)
+        # The residual must exist before the sparse op runs. A constant has no inputs and can move up;
+        # moving computed nodes would reorder the user's graph.
+        if residual is not None and residual.op == "get_attr" and order[residual] > order[node]:
+            node.prepend(residual)
+            order[residual] = order[node] - 0.5
+        if residual is not None and order.get(residual, len(order)) < order[node]:
+            with gm.graph.inserting_before(node):
+                args[RESIDUAL] = gm.graph.call_function(aten.reshape.default, (residual, [x_info[0][0], args[5]]))
+            user.replace_all_uses_with(end)
+            gm.graph.erase_node(user)
+            fused += 1
+        node.args = tuple(args)
+    gm.graph.lint()
+    gm.recompile()
+    log.info("fuse_epilogues: %d activations and residual adds fused into sparse ops", fused)
+    return gm
+
+
+def _through_reshapes(node: fx.Node) -> fx.Node:
+    while True:
+        user = _only_user(node)
+        if user is None or user.target not in RESHAPES or user.args[0] is not node:
+            return node
+        node = user
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _residual_operand(add: fx.Node, end: fx.Node, out_info) -> fx.Node | None:
+    """The other operand of `end + other`, when it has exactly end's shape and dtype (no broadcasting)."""
+    if add.target is not aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    a, b = add.args
+    other = b if a is end else a if b is end else None
+    if not isinstance(other, fx.Node) or other is end:
+        return None
+    theirs = shape_dtype(other)
+    return other if out_info is not None and out_info == theirs else None
