@@ -8,7 +8,7 @@ import warnings
 import torch
 
 # torch warns that CSR support is "beta" on first use; sparsecc relies only on the long-stable pieces.
-_SPARSE_BETA = "Sparse CSR tensor support is in beta state"
+_SPARSE_BETA = "Sparse (CSR|BSR) tensor support is in beta state"
 
 ACTIVATIONS = {
     "none": lambda y: y,
