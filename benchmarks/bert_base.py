@@ -1,7 +1,11 @@
 """BERT-base (12 layers, hidden 768, batch 1, sequence 128, random weights from BertConfig) with every Linear
-magnitude-pruned, timed side by side: eager PyTorch, Inductor (torch.compile default) and sparsecc.
+magnitude-pruned, timed side by side: eager PyTorch, Inductor (torch.compile default), sparsecc, and, in their
+own virtual environment (benchmarks/peers.py), DeepSparse 1.8.0 and ONNX Runtime on the same model exported
+to ONNX. In-process candidates are interleaved; the two ONNX engines run in a subprocess right after them.
+Every candidate's output is checked against eager before it is timed.
 
     python benchmarks/bert_base.py --sparsity 0.9 0.8 0.95 0
+    GOMP_SPINCOUNT=1000 python benchmarks/bert_base.py ...   # PyTorch's OpenMP threads stop spinning sooner
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ import argparse
 import json
 import logging
 import platform
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertModel
@@ -18,11 +25,19 @@ from transformers import BertConfig, BertModel
 import sparsecc
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.sparsify import prune_linears_
-from sparsecc.timing import interleaved, timing_table
+from sparsecc.timing import Timing, interleaved, timing_table
 from sparsecc.tolerances import assert_outputs_close
 
 
-def measure(sparsity: float, repeats: int, peers: list[str]) -> dict:
+IN_PROCESS = ("inductor", "sparsecc")
+ONNX_ENGINES = ("deepsparse", "onnxruntime")
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peers.py
+
+
+def measure(sparsity: float, repeats: int, peers: list[str], workdir: Path) -> dict:
     torch.manual_seed(0)
     model = BertModel(BertConfig()).eval()
     prune_linears_(model, sparsity)
@@ -30,13 +45,17 @@ def measure(sparsity: float, repeats: int, peers: list[str]) -> dict:
     candidates, compile_s = {"eager": lambda: model(ids)}, {}
     with torch.no_grad():
         expected = model(ids).last_hidden_state
-        for name in peers:
+        for name in (p for p in peers if p in IN_PROCESS):
             start = time.perf_counter()
             fn = torch.compile(model, backend="sparsecc") if name == "sparsecc" else torch.compile(model)
             assert_outputs_close(fn(ids).last_hidden_state, expected)  # agree before timing anything
             compile_s[name] = round(time.perf_counter() - start, 1)
             candidates[name] = lambda fn=fn: fn(ids)
         results = interleaved(candidates, repeats=repeats)
+    engines = [p for p in peers if p in ONNX_ENGINES]
+    if engines:
+        results.update(_time_onnx_engines(model, ids, expected, engines, repeats, workdir / f"bert_{sparsity}.onnx",
+                                          compile_s))
     print(f"\nsparsity {sparsity:.0%}  (compile s: {compile_s})")
     print(timing_table(results, baseline="eager"))
     return {"sparsity": sparsity, "compile_s": compile_s,
@@ -45,12 +64,32 @@ def measure(sparsity: float, repeats: int, peers: list[str]) -> dict:
             "max_ms": {k: round(v.max_ms, 2) for k, v in results.items()}}
 
 
+def _time_onnx_engines(model, ids, expected, engines, repeats, onnx_path: Path, compile_s: dict) -> dict:
+    import numpy as np
+
+    from peers import ensure_peer_env, export_onnx, time_in_peer
+
+    python = ensure_peer_env(REPO_ROOT)
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    export_onnx(model, args, onnx_path)
+    feeds = dict(zip(["input_ids", "attention_mask", "token_type_ids"], (a.numpy() for a in args)))
+    results = {}
+    for engine in engines:
+        r = time_in_peer(python, onnx_path, engine, feeds, threads=torch.get_num_threads(), warmup=3, repeats=repeats)
+        torch.testing.assert_close(torch.from_numpy(np.load(r["outputs_path"])), expected, rtol=1e-3, atol=1e-3)
+        compile_s[engine] = round(r["compile_s"], 1)
+        results[engine] = Timing(r["min_ms"], r["median_ms"], r["max_ms"])
+    onnx_path.unlink()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--peers", nargs="+", default=["inductor", "sparsecc"], choices=["inductor", "sparsecc"])
+    parser.add_argument("--peers", nargs="+", default=list(IN_PROCESS + ONNX_ENGINES),
+                        choices=list(IN_PROCESS + ONNX_ENGINES))
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -61,9 +100,11 @@ def main() -> None:
 
     print(f"threads: torch {torch.get_num_threads()}, TVM {tvm.runtime.num_threads()} "
           f"(TVM_BIND_THREADS={os.environ.get('TVM_BIND_THREADS')}, "
-          f"TVM_THREAD_POOL_SPIN_COUNT={os.environ.get('TVM_THREAD_POOL_SPIN_COUNT')}); "
+          f"TVM_THREAD_POOL_SPIN_COUNT={os.environ.get('TVM_THREAD_POOL_SPIN_COUNT')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
           f"torch {torch.__version__}, sparsecc {sparsecc.__version__}, {platform.machine()}")
-    rows = [measure(s, args.repeats, args.peers) for s in args.sparsity]
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = [measure(s, args.repeats, args.peers, Path(workdir)) for s in args.sparsity]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

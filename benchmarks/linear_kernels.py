@@ -4,6 +4,7 @@ DLPack crossings included).
 
     python benchmarks/linear_kernels.py
     python benchmarks/linear_kernels.py --sparsity 0.9 --shapes 768x768
+    python benchmarks/linear_kernels.py --sparsity 0.9 --block 16x1     # 16 x 1 blocks (out x in)
 """
 
 from __future__ import annotations
@@ -21,10 +22,24 @@ from sparsecc.timing import interleaved
 SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}  # (out, in)
 
 
-def measure(out_f: int, in_f: int, sparsity: float, tokens: int, repeats: int) -> dict[str, float]:
+def block_prune_(weight: torch.Tensor, sparsity: float, block: tuple[int, int]) -> None:
+    """Zero whole r x c blocks, keeping those with the largest L1 norm."""
+    r, c = block
+    n, k = weight.shape
+    norms = weight.abs().reshape(n // r, r, k // c, c).sum(dim=(1, 3))
+    magnitude_prune_(norms, sparsity)
+    weight.mul_((norms != 0).repeat_interleave(r, 0).repeat_interleave(c, 1))
+
+
+def measure(out_f: int, in_f: int, sparsity: float, tokens: int, repeats: int,
+            block: tuple[int, int] | None) -> dict[str, float]:
     torch.manual_seed(0)
     layer = torch.nn.Linear(in_f, out_f).eval()
-    magnitude_prune_(layer.weight.data, sparsity)
+    with torch.no_grad():
+        if block is None:
+            magnitude_prune_(layer.weight.data, sparsity)
+        else:
+            block_prune_(layer.weight.data, sparsity, block)
     x = torch.randn(tokens, in_f)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "sparse CSR is beta" notice
@@ -50,17 +65,20 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--block", help="prune whole r x c blocks (out x in), e.g. 16x1; default unstructured")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import tvm
 
+    block = tuple(int(v) for v in args.block.split("x")) if args.block else None
     print(f"threads: torch {torch.get_num_threads()}, TVM {tvm.runtime.num_threads()}; {args.tokens} tokens, fp32; "
+          f"{'unstructured' if block is None else f'{block[0]}x{block[1]} blocks'}; "
           f"medians of {args.repeats} interleaved runs, ms")
     print(f"{'weight (out x in)':<18}{'sparsity':>9}{'dense':>9}{'CSR':>9}{'sparsecc':>10}"
           f"{'vs dense':>10}{'vs CSR':>8}")
     for shape in args.shapes:
         for s in args.sparsity:
-            r = measure(*SHAPES[shape], s, args.tokens, args.repeats)
+            r = measure(*SHAPES[shape], s, args.tokens, args.repeats, block)
             d, c, ours = r["torch dense"], r["torch.sparse CSR"], r["sparsecc"]
             print(f"{shape:<18}{s:>9.0%}{d:>9.3f}{c:>9.3f}{ours:>10.3f}{d / ours:>9.2f}x{c / ours:>7.2f}x", flush=True)
 

@@ -19,9 +19,9 @@ class Settings:
 
     # What a failing stage does: fall back to the original graph with one warning, or raise.
     on_failure: Literal["fallback", "raise"] = "fallback"
-    # A weight is stored as CSR when at most this fraction of it is non-zero; denser weights stay dense.
-    # The naive CSR kernel of the spine breaks even with MKL dense near 25 % density at BERT shapes.
-    csr_max_density: float = 0.25
+    # Density at which CSR costs as much as dense (the planner's CSR break-even): measured 0.42 at BERT shapes
+    # by benchmarks/kernel_break_even.py, times 0.75 for the slowdown inside a model.
+    csr_max_density: float = 0.3
     # Weights with fewer elements stay dense: the call overhead would eat the saving.
     min_weight_numel: int = 4096
     # Which ops go to TVM: "sparse" = sparse ops and the reshapes around them (dense work stays in PyTorch,

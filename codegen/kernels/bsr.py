@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-# Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128.
+# Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128 for 1-row blocks.
 TOKEN_TILE = 32
+# TVM puts a CPU allocation on the stack only below this size (runtime::kMaxStackAlloca); above it the
+# accumulators come from the workspace allocator and LLVM stores them after every FMA. Tall blocks take
+# shorter token tiles to stay below it.
+STACK_LIMIT_BYTES = 1024
 # Output rows a task writes back together: 8 fp32 values make a 32-byte run per token.
 ROWS_PER_TASK = 8
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
-STACK = "disable_lower_builtin"  # tir::attr::kDisableLowerTVMBuiltin: keep an allocation as an LLVM alloca
 
 
 def prefers_token_outer(k: int) -> bool:
@@ -44,24 +47,27 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     if token_outer is None:
         token_outer = prefers_token_outer(k)
     r, c = block
-    tile = min(TOKEN_TILE, m)
+    chains = max(1, 4 // r)
+    elem = 8 if dtype == "float64" else 4
+    tile = TOKEN_TILE
+    while tile > 1 and chains * r * tile * elem >= STACK_LIMIT_BYTES:
+        tile //= 2
+    tile = min(tile, m)
     m_outer = (m + tile - 1) // tile
     block_rows = n // r
     group = max(1, ROWS_PER_TASK // r)  # block-rows per task
     tasks = (block_rows + group - 1) // group
     rows = group * r
     res_shape = (m, n) if residual else (1, 1)
-    # Independent accumulator sets: an FMA waits ~4 cycles for the previous one into the same register, so a
-    # 1-row block (2 vector chains) needs its non-zeros split over several sets to keep the FMA units busy.
-    chains = max(1, 4 // r)
+    # `chains` (above): independent accumulator sets. An FMA waits ~4 cycles for the previous one into the
+    # same register, so short blocks split their non-zeros over several sets.
 
     @T.macro
     def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, task):
-        # Stack allocations: TVM keeps a CPU allocation on the stack only in "global" scope (and under 1 KiB, or
-        # annotated). From its workspace allocator, fetched in every task, LLVM cannot tell the accumulators'
-        # memory from the weights' and stores them after every FMA.
-        out = T.alloc_local((rows, tile), dtype, scope="global", annotations={STACK: True})
-        acc = T.alloc_local((chains, r, tile), dtype, scope="global", annotations={STACK: True})
+        # "global" scope: TVM keeps a CPU allocation on the stack only in that scope and under STACK_LIMIT_BYTES
+        # (an annotation asking for it did not reach the allocation in TVM 0.27).
+        out = T.alloc_local((rows, tile), dtype, scope="global")
+        acc = T.alloc_local((chains, r, tile), dtype, scope="global")
         for g in T.serial(group):
             if task * group + g < block_rows:
                 for q in T.unroll(chains):
