@@ -37,10 +37,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peers.py
 
 
-def measure(sparsity: float, repeats: int, peers: list[str], workdir: Path) -> dict:
+def measure(sparsity: float, repeats: int, peers: list[str], workdir: Path, block: tuple[int, int] | None) -> dict:
     torch.manual_seed(0)
     model = BertModel(BertConfig()).eval()
-    prune_linears_(model, sparsity)
+    prune_linears_(model, sparsity, block)
     ids = torch.randint(0, model.config.vocab_size, (1, 128))
     candidates, compile_s = {"eager": lambda: model(ids)}, {}
     with torch.no_grad():
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", default=list(IN_PROCESS + ONNX_ENGINES),
                         choices=list(IN_PROCESS + ONNX_ENGINES))
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--block", help="prune Linears in whole r x c blocks (out x in), e.g. 16x1; default unstructured")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -104,7 +105,9 @@ def main() -> None:
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
           f"torch {torch.__version__}, sparsecc {sparsecc.__version__}, {platform.machine()}")
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [measure(s, args.repeats, args.peers, Path(workdir)) for s in args.sparsity]
+        block = tuple(int(v) for v in args.block.split("x")) if args.block else None
+        print("pattern:", f"{block[0]}x{block[1]} blocks" if block else "unstructured")
+        rows = [measure(s, args.repeats, args.peers, Path(workdir), block) for s in args.sparsity]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -16,19 +16,10 @@ import warnings
 import torch
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
-from sparsecc.sparsify import magnitude_prune_
+from sparsecc.sparsify import block_prune_, magnitude_prune_
 from sparsecc.timing import interleaved
 
 SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}  # (out, in)
-
-
-def block_prune_(weight: torch.Tensor, sparsity: float, block: tuple[int, int]) -> None:
-    """Zero whole r x c blocks, keeping those with the largest L1 norm."""
-    r, c = block
-    n, k = weight.shape
-    norms = weight.abs().reshape(n // r, r, k // c, c).sum(dim=(1, 3))
-    magnitude_prune_(norms, sparsity)
-    weight.mul_((norms != 0).repeat_interleave(r, 0).repeat_interleave(c, 1))
 
 
 def measure(out_f: int, in_f: int, sparsity: float, tokens: int, repeats: int,
