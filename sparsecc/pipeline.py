@@ -40,6 +40,7 @@ class PipelineState:
     vm: Any = None  # tvm.relax.VirtualMachine
     sparse_ops: int = 0  # sparsecc:: ops in the rewritten graph
     regions: tuple[str, ...] = ()  # names of the regions built by TVM
+    dense_backend: str | None = None  # where a graph without regions runs: "eager" or "inductor"
     completed: list[str] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 

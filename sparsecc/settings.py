@@ -35,6 +35,9 @@ class Settings:
     stop_after: Literal["capture", "analysis", "plan", "rewrite", "partition", "lower", "build"] | None = None
     # Compare the compiled graph with PyTorch on the example inputs before using it.
     verify: bool = True
+    # Where a graph with no sparse region runs: eager PyTorch, Inductor, or whichever measures faster on the
+    # example inputs ("auto"; costs an Inductor compile for such graphs).
+    dense_backend: Literal["auto", "eager", "inductor"] = "auto"
     # When a weight changes after compiling: compile again, or raise WeightChangedError.
     on_weight_change: Literal["recompile", "raise"] = "recompile"
 

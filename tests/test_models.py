@@ -98,6 +98,16 @@ def test_model_without_zeros_stays_dense_and_correct(no_fallback):
     assert all(c.format is sparsecc.SparseFormat.DENSE for c in plan.choices.values())
     assert all("density 1.000: no sparse format predicted faster than dense" in c.reason
                for c in plan.choices.values())
+    assert watch.graphs[0].state.dense_backend in ("eager", "inductor")  # timed both, kept the faster
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_dense_graph_backend_can_be_forced(no_fallback, backend):
+    model = OddMLP()
+    x = torch.randn(3, 97)
+    actual, expected, watch, _ = run_both(model, x, dense_backend=backend)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert watch.graphs[0].state.dense_backend == backend
 
 
 def test_model_pruned_with_torch_nn_utils_prune(no_fallback):

@@ -17,7 +17,8 @@ import torch
 from torch import fx
 
 from sparsecc.capture import is_weight
-from sparsecc.errors import SparseccError, SparseccFallbackWarning, UnsupportedError, WeightChangedError
+from sparsecc.errors import SparseccError, SparseccFallbackWarning, WeightChangedError
+from sparsecc.runtime.dense_graph import fastest_dense
 from sparsecc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ class CompiledGraph:
                           stacklevel=3)
             return lambda a: self.gm(*a)
         self.states.append(state)
+        if state.vm is None and state.completed[-1] == "build":
+            state.dense_backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
+            return run
         return state.run
 
     def _on_weight_change(self, args: Sequence[Any]) -> None:
