@@ -89,7 +89,9 @@ def _sparse_check(node: fx.Node) -> bool:
     _, r, c = vs[0]
     if out_features % r or xs[0][1] % c:
         return False
-    if not all(shape_dtype(a) is not None and shape_dtype(a)[1] == torch.int32 for a in (indptr, indices)):
+    if shape_dtype(indptr) is None or shape_dtype(indptr)[1] != torch.int32:
+        return False
+    if shape_dtype(indices) is None or shape_dtype(indices)[1] not in (torch.int16, torch.int32):
         return False
     if residual is not None and shape_dtype(residual) != ((xs[0][0], out_features), xs[1]):
         return False
@@ -111,8 +113,10 @@ def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Ex
     if residual is None:
         residual = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, 1, dtype=dtype)))
     epilogue = ("" if activation == "none" else f"_{activation}") + ("_residual" if has_residual else "")
-    gv = ctx.kernel(("sparse_linear", m, out_features, k, block, dt, activation, has_residual),
-                    lambda: bsr_linear_kernel(m, out_features, k, block, dt, activation, has_residual),
+    columns = dtype_name(shape_dtype(node.args[2])[1])
+    gv = ctx.kernel(("sparse_linear", m, out_features, k, block, dt, activation, has_residual, columns),
+                    lambda: bsr_linear_kernel(m, out_features, k, block, dt, activation, has_residual,
+                                              column_dtype=columns),
                     f"{fmt}_linear_{m}x{out_features}x{k}_{dt}{epilogue}")
     return relax.call_tir(gv, [x, indptr, indices, values, bias, residual], relax.TensorType((m, out_features), dt))
 

@@ -19,9 +19,11 @@ def run_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, bloc
     m, k = x.shape
     n = w.shape[0]
     dtype = str(x.dtype).removeprefix("torch.")
-    kernel = bsr_linear_kernel(m, n, k, block, dtype, activation, residual is not None)
+    packed = pack_blocks(w, block)
+    columns = str(packed[1].dtype).removeprefix("torch.")
+    kernel = bsr_linear_kernel(m, n, k, block, dtype, activation, residual is not None, column_dtype=columns)
     lib = tvm.compile(tvm.IRModule({"kernel": kernel.with_attr("global_symbol", "kernel")}), target=host_target(2))
-    arrays = [x, *pack_blocks(w, block), bias if bias is not None else torch.zeros(n, dtype=x.dtype),
+    arrays = [x, *packed, bias if bias is not None else torch.zeros(n, dtype=x.dtype),
               residual if residual is not None else torch.zeros(1, 1, dtype=x.dtype)]
     out = torch.empty(m, n, dtype=x.dtype)
     lib["kernel"](*[tvm.runtime.from_dlpack(a.contiguous()) for a in arrays], tvm.runtime.from_dlpack(out))
@@ -122,7 +124,8 @@ def test_relax_module_uses_tir_kernel_for_each_shape():
 def test_tvm_threads_follow_torch_and_the_option():
     from sparsecc.codegen.build import build
 
-    mod = tvm.IRModule({"kernel": bsr_linear_kernel(4, 8, 8, (1, 1), "float32").with_attr("global_symbol", "kernel")})
+    mod = tvm.IRModule({"kernel": bsr_linear_kernel(4, 8, 8, (1, 1), "float32", column_dtype="int16")
+                        .with_attr("global_symbol", "kernel")})
     wrapped = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((4, 8), "float32"))
     with wrapped.function("main", [x]):
@@ -137,3 +140,21 @@ def test_tvm_threads_follow_torch_and_the_option():
     assert tvm.runtime.num_threads() == 1
     build(wrapped.get(), Settings())
     assert tvm.runtime.num_threads() == torch.get_num_threads()
+
+
+def test_packed_bytes_at_90_percent():
+    """CSR at 90 % zeros, fp32, int16 columns: at most 0.2x the dense bytes (0.15x plus row pointers)."""
+    w = pattern(768, 3072, "random", 0.1, 4)
+    packed = pack_blocks(w)
+    assert packed[1].dtype == torch.int16
+    ratio = sum(t.numel() * t.element_size() for t in packed) / (w.numel() * w.element_size())
+    assert ratio <= 0.2
+
+
+def test_wide_weights_keep_int32_columns():
+    w = torch.zeros(2, 40000)
+    w[0, 39999] = 1.0
+    packed = pack_blocks(w)
+    assert packed[1].dtype == torch.int32
+    x = torch.randn(3, 40000)
+    torch.testing.assert_close(run_kernel(x, w, None), reference(x, w, None))

@@ -39,7 +39,8 @@ def prefers_token_outer(k: int) -> bool:
 
 
 def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",
-                      residual: bool = False, token_outer: bool | None = None, index_dtype: str = "int32"):
+                      residual: bool = False, token_outer: bool | None = None, index_dtype: str = "int32",
+                      column_dtype: str = "int32"):
     """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], res, y[m, n])`.
     `res` is (m, n) when `residual`, else an unused (1, 1) buffer. Needs n % r == 0 and k % c == 0 (the planner
     only picks block shapes that divide the weight)."""
@@ -81,13 +82,14 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                             for i in T.unroll(r):
                                 for t in T.vectorized(tile):
                                     acc[q, i, t] = acc[q, i, t] + V[P[task * group + g] + e * chains + q, i, j] * XT[
-                                        mo, J[P[task * group + g] + e * chains + q] * c + j, t]
+                                        mo, T.cast(J[P[task * group + g] + e * chains + q], "int32") * c + j, t]
                 for e in T.serial((P[task * group + g + 1] - P[task * group + g]) % chains):
                     for j in T.unroll(c):
                         for i in T.unroll(r):
                             for t in T.vectorized(tile):
                                 acc[0, i, t] = acc[0, i, t] + V[P[task * group + g + 1] - (P[task * group + g + 1] - P[task * group + g]) % chains + e, i, j] * XT[
-                                    mo, J[P[task * group + g + 1] - (P[task * group + g + 1] - P[task * group + g]) % chains + e] * c + j, t]
+                                    mo, T.cast(J[P[task * group + g + 1] - (P[task * group + g + 1] - P[task * group + g]) % chains + e],
+                                          "int32") * c + j, t]
                 for q in T.unroll(chains - 1):
                     for i in T.unroll(r):
                         for t in T.vectorized(tile):
@@ -120,7 +122,7 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
         nb = T.int64()
         X = T.match_buffer(x, (m, k), dtype)
         P = T.match_buffer(indptr, (block_rows + 1,), index_dtype)
-        J = T.match_buffer(indices, (nb,), index_dtype)
+        J = T.match_buffer(indices, (nb,), column_dtype)
         V = T.match_buffer(values, (nb, r, c), dtype)
         B = T.match_buffer(bias, (n,), dtype)
         R = T.match_buffer(res, res_shape, dtype)
