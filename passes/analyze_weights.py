@@ -35,6 +35,8 @@ META_KEY = "sparsecc"
 
 # Block shapes (rows of the (out, in) matrix x columns) whose fill analysis measures; the BSR kernel takes any.
 BLOCK_SHAPES = ((1, 4), (4, 1), (8, 1), (16, 1), (4, 4), (8, 8))
+# Group sizes for N:M structure along the input dimension (2:4 and 4:8 are what sparse hardware and pruners use).
+NM_GROUPS = (4, 8)
 # The weight is the right operand here, multiplied as its transpose (in, out).
 RIGHT_OPERANDS = {(aten.mm.default, 1), (aten.addmm.default, 2)}
 
@@ -60,6 +62,7 @@ def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
             source_layout=node.meta.get(LAYOUT, "strided"),
             uses=tuple(node_uses),
             blocks=block_stats(tensor.t() if right[node] else tensor) if tensor.dim() == 2 else (),
+            nm=nm_stats(tensor.t() if right[node] else tensor) if tensor.dim() == 2 else (),
         )
     log.debug("analysis: %d weights feed matrix products", len(uses))
     return gm
@@ -76,6 +79,12 @@ def block_stats(matrix: torch.Tensor) -> tuple[BlockStats, ...]:
         occupied = nonzero.reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
         stats.append(BlockStats(r, c, int(occupied.sum()), occupied.numel()))
     return tuple(stats)
+
+
+def nm_stats(matrix: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """(most non-zeros in any group of m consecutive inputs, m) for each m in NM_GROUPS dividing the in dimension."""
+    n, k = matrix.shape
+    return tuple((int((matrix != 0).reshape(n, k // m, m).sum(dim=2).max()), m) for m in NM_GROUPS if k % m == 0)
 
 
 def analysed_weights(gm: fx.GraphModule) -> dict[str, WeightSparsity]:

@@ -56,6 +56,11 @@ def choose_format(w: WeightSparsity, settings: Settings) -> FormatChoice:
             candidates[(b.rows, b.cols)] = b.stored_density / BSR_BREAK_EVEN[(b.rows, b.cols)]
     block, est = min(candidates.items(), key=lambda kv: (kv[1], kv[0] != (1, 1)))
     others = ", ".join(f"{_name(b)} {e:.2f}x" for b, e in sorted(candidates.items(), key=lambda kv: kv[1]))
+    # N:M weights run on the same kernels: at 2:4's 50 % density no sparse kernel measured faster than dense here
+    # (benchmarks/kernel_break_even.py), so the pattern only says why such a weight is, or is not, sparse.
+    nm = w.nm_label()
+    if nm is not None:
+        others += f"; {nm} structured, run as its density allows"
     if est >= 1.0:
         return dense(f"density {w.density:.3f}: no sparse format predicted faster than dense ({others})")
     fmt = SparseFormat.CSR if block == (1, 1) else SparseFormat.BSR

@@ -51,6 +51,14 @@ class WeightSparsity:
     uses: tuple[WeightUse, ...]
     # Block structure of the (out, in) matrix for each block shape that divides it.
     blocks: tuple[BlockStats, ...] = ()
+    # N:M structure along the input dimension: (n, m) for each group size m in NM_GROUPS that divides it, n being
+    # the most non-zeros any group of m consecutive inputs holds (2:4 means every group of 4 has at most 2).
+    nm: tuple[tuple[int, int], ...] = ()
+
+    def nm_label(self) -> str | None:
+        """The tightest N:M pattern at least half sparse (n <= m / 2) that the weight satisfies, e.g. "2:4"."""
+        fits = [(n / m, f"{n}:{m}") for n, m in self.nm if 2 * n <= m]
+        return min(fits)[1] if fits else None
 
     def block_fill(self, rows: int, cols: int) -> float:
         """Mean fraction of a stored r x c block that is non-zero (1.0 = perfectly block-structured)."""
@@ -121,6 +129,7 @@ def _weight_to_dict(w: WeightSparsity) -> dict[str, Any]:
     d["shape"] = list(w.shape)
     d["uses"] = [dataclasses.asdict(u) for u in w.uses]
     d["blocks"] = [dataclasses.asdict(b) for b in w.blocks]
+    d["nm"] = [list(p) for p in w.nm]
     return d
 
 
@@ -129,4 +138,5 @@ def _weight_from_dict(d: dict[str, Any]) -> WeightSparsity:
         name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], nnz=int(d["nnz"]),
         source_layout=d["source_layout"], uses=tuple(WeightUse(**u) for u in d["uses"]),
         blocks=tuple(BlockStats(**b) for b in d.get("blocks", ())),
+        nm=tuple(tuple(p) for p in d.get("nm", ())),
     )

@@ -6,11 +6,12 @@ from sparsecc.formats import SparsePlan
 
 
 def plan_table(plan: SparsePlan) -> str:
-    rows = [("weight", "shape as multiplied", "density", "format", "reason")]
+    rows = [("weight", "shape as multiplied", "density", "N:M", "format", "reason")]
     for key, w in plan.weights.items():
         c = plan.choices[key]
-        rows.append((w.name, "x".join(map(str, w.shape)), f"{w.density:.3f}", c.format.value, c.reason))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(widths[i]) if i < 4 else cell for i, cell in enumerate(r)) for r in rows]
+        fmt = c.format.value + (f" {c.block[0]}x{c.block[1]}" if c.block else "")
+        rows.append((w.name, "x".join(map(str, w.shape)), f"{w.density:.3f}", w.nm_label() or "-", fmt, c.reason))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i < 5 else cell for i, cell in enumerate(r)) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

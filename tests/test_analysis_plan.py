@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity, WeightUse
-from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights, block_stats
+from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights, block_stats, nm_stats
 from sparsecc.passes.fold_constants import fold_constants
 from sparsecc.passes.plan_formats import choose_format, plan_formats
 from sparsecc.settings import Settings
@@ -147,3 +147,39 @@ def test_unstructured_weight_prefers_csr():
     ws = WeightSparsity("w", (128, 128), "float32", int((w != 0).sum()), "strided",
                         (WeightUse("aten.mm.default", 0, "mm"),), block_stats(w))
     assert choose_format(ws, Settings()).format is SparseFormat.CSR
+
+
+def n_of_m(rows, cols, n, m, seed=0):
+    """A weight where each group of m consecutive inputs keeps its n largest entries."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    groups = w.reshape(rows, cols // m, m)
+    keep = groups.abs().topk(n, dim=2).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep, True)
+    return (groups * mask).reshape(rows, cols)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 3), rows=st.integers(1, 16), groups=st.integers(1, 16), seed=st.integers(0, 1000))
+def test_n_of_4_structure_is_detected(n, rows, groups, seed):
+    w = n_of_m(rows, groups * 8, n, 4, seed)
+    stats = dict((m, k) for k, m in nm_stats(w))
+    assert stats[4] == n and stats[8] <= 2 * n
+
+
+@pytest.mark.parametrize("n, m, fmt, label", [(2, 4, SparseFormat.DENSE, "2:4"), (1, 4, SparseFormat.CSR, "1:4"),
+                                              (1, 8, SparseFormat.CSR, "1:8")])
+def test_nm_weights_are_labelled_and_planned_by_density(n, m, fmt, label):
+    w = n_of_m(128, 256, n, m)
+    ws = WeightSparsity("w", (128, 256), "float32", int((w != 0).sum()), "strided",
+                        (WeightUse("aten.mm.default", 0, "mm"),), block_stats(w), nm_stats(w))
+    assert ws.nm_label() == label
+    choice = choose_format(ws, Settings())
+    assert choice.format is fmt and f"{label} structured" in choice.reason
+    assert SparsePlan.from_json(SparsePlan({"w": choice}, {"w": ws}).to_json()).weights["w"].nm_label() == label
+
+
+def test_dense_enough_groups_get_no_nm_label():
+    w = n_of_m(64, 64, 3, 4)  # 3:4 is less than half sparse: not worth a label
+    ws = WeightSparsity("w", (64, 64), "float32", int((w != 0).sum()), "strided", (), (), nm_stats(w))
+    assert ws.nm_label() is None
