@@ -14,10 +14,10 @@ import tvm
 from torch import fx
 from tvm import relax
 
-from sparsecc import ops as _sparse_ops  # noqa: F401  (registers the sparsecc:: ops)
 from sparsecc.codegen.kernels.bsr import ACTIVATIONS as KERNEL_ACTIVATIONS
 from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
-from sparsecc.passes.graph_utils import shape_dtype
+from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
+from sparsecc.passes.graph_utils import RESHAPE_OPS, shape_dtype
 
 aten = torch.ops.aten
 
@@ -48,8 +48,8 @@ class Converter:
 
 CONVERTERS: dict[Any, Converter] = {}
 
-# Ops that only re-label memory; the "sparse" offload policy moves these into regions next to sparse ops.
-VIEW_OPS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default})
+# The "sparse" offload policy moves reshapes into regions next to sparse ops.
+VIEW_OPS = RESHAPE_OPS
 
 
 def converter(*ops: Any, check: Callable[[fx.Node], bool] | None = None):
@@ -76,13 +76,8 @@ def _static_float(node: fx.Node) -> bool:
     return all(i is not None and i[1] in FLOAT_DTYPES for i in infos)
 
 
-def _sparse_args(args: tuple) -> tuple:
-    """sparse_linear's arguments with the defaults of activation and residual filled in."""
-    return tuple(args) + ("none", None)[len(args) - 6:]
-
-
 def _sparse_check(node: fx.Node) -> bool:
-    x, indptr, indices, values, bias, out_features, activation, residual = _sparse_args(node.args)
+    x, indptr, indices, values, bias, out_features, activation, residual = sparse_linear_args(node.args)
     xs, vs = shape_dtype(x), shape_dtype(values)
     if xs is None or vs is None or len(xs[0]) != 2 or len(vs[0]) != 3 or xs[1] != vs[1] or xs[1] not in FLOAT_DTYPES:
         return False
@@ -102,7 +97,7 @@ def _sparse_check(node: fx.Node) -> bool:
 
 @converter(torch.ops.sparsecc.sparse_linear.default, check=_sparse_check)
 def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
-    x, indptr, indices, values, bias, out_features, activation, residual = _sparse_args(args)
+    x, indptr, indices, values, bias, out_features, activation, residual = sparse_linear_args(args)
     (m, k), dtype = shape_dtype(node.args[0])
     dt = dtype_name(dtype)
     if bias is None:

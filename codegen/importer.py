@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import tvm
 from torch import fx
 from tvm import relax

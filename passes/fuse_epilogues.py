@@ -12,14 +12,13 @@ import logging
 import torch
 from torch import fx
 
-from sparsecc.ops import SPARSE_OPS
-from sparsecc.passes.graph_utils import shape_dtype
+from sparsecc.ops import SPARSE_OPS, sparse_linear_args
+from sparsecc.passes.graph_utils import RESHAPE_OPS, shape_dtype
 from sparsecc.settings import Settings
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 ACTIVATION, RESIDUAL = 6, 7  # positions in sparse_linear's arguments
 
 
@@ -37,7 +36,7 @@ def fuse_epilogues(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SPARSE_OPS:
             continue
-        args = list(node.args) + ["none", None][len(node.args) - 6:]
+        args = list(sparse_linear_args(node.args))
         end = _through_reshapes(node)
         user = _only_user(end)
         act = _activation(user) if user is not None else None
@@ -74,7 +73,7 @@ def fuse_epilogues(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
 def _through_reshapes(node: fx.Node) -> fx.Node:
     while True:
         user = _only_user(node)
-        if user is None or user.target not in RESHAPES or user.args[0] is not node:
+        if user is None or user.target not in RESHAPE_OPS or user.args[0] is not node:
             return node
         node = user
 

@@ -8,6 +8,11 @@ import torch
 from torch import fx
 
 
+# Ops that only re-label a tensor's shape (a Linear on 3-D input is view -> mm -> view).
+RESHAPE_OPS = frozenset({torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
+                         torch.ops.aten.reshape.default})
+
+
 def constant_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     """The tensor behind a get_attr node, or None when the node is not a constant tensor."""
     if node.op != "get_attr":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+import os
 import time
 
 import torch
@@ -44,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
     prune_linears_(model, args.sparsity)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
     threads = torch.get_num_threads()
-    import os
-
     omp = ", ".join(f"{v}={os.environ[v]}" for v in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if v in os.environ)
     print(f"BERT-style encoder: {args.layers} layers, hidden 768, batch {args.batch}, sequence {args.seq}, "
           f"Linears {args.sparsity:.0%} zeros, {threads} threads ({omp or 'default OpenMP settings'}; "

@@ -71,3 +71,8 @@ def pack_blocks(weight: torch.Tensor, block: tuple[int, int] = (1, 1)) -> tuple[
 
 
 SPARSE_OPS = frozenset({torch.ops.sparsecc.sparse_linear.default})
+
+
+def sparse_linear_args(args: tuple) -> tuple:
+    """sparse_linear's 8 arguments, with the defaults of activation and residual filled in when a node omits them."""
+    return tuple(args) + ("none", None)[len(args) - 6:]
