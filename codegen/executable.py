@@ -1,18 +1,36 @@
-"""A built region as an nn.Module the outer FX graph calls: torch tensors cross through DLPack both ways."""
+"""A built region as an nn.Module the outer FX graph calls: torch tensors cross through DLPack both ways.
+
+The region's packed weights stay torch tensors held here (plain attributes rather than buffers, since `.to()` would
+leave the TVM views behind); those views are made once rather than on every call.
+"""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import tvm
-from tvm import relax
+
+
+# TVM takes DLPack tensors only at 64-byte aligned addresses; torch's allocator gives that, views at an offset and
+# tensors mapped from a file (safetensors) need not.
+TVM_ALIGNMENT = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % TVM_ALIGNMENT == 0 else t.clone()
 
 
 class TvmRegion(torch.nn.Module):
-    def __init__(self, vm: relax.VirtualMachine, name: str):
+    def __init__(self, function: tvm.runtime.PackedFunc, name: str, weights: Mapping[str, torch.Tensor]):
+        """`weights`: the region's constants by attribute name, in the order its function takes them."""
         super().__init__()
         self.region_name = name
-        self._fn = vm[name]
+        self._fn = function
+        self.weights = {k: aligned(w) for k, w in weights.items()}
+        self._tvm_weights = [tvm.runtime.from_dlpack(w) for w in self.weights.values()]
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs = self._fn(*[tvm.runtime.from_dlpack(a.contiguous()) for a in args])
+        outs = self._fn(*[tvm.runtime.from_dlpack(aligned(a)) for a in args], *self._tvm_weights)
         return tuple(torch.from_dlpack(o) for o in outs)

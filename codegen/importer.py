@@ -1,8 +1,10 @@
 """The one seam that sees both FX and TVM: partitioned FX regions -> one Relax IRModule.
 
 Each `sparsecc_region_<i>` submodule becomes a Relax function of the same name; its sparse ops call TIR
-kernels generated for their shapes; its constants (packed weights) become Relax constants, handed over
-through DLPack. All regions share one IRModule so they are built, and their kernels deduplicated, once.
+kernels generated for their shapes. Its constants (packed weights) become trailing parameters of that function
+rather than Relax constants: the library then holds code only, so weights are stored once (in torch, shared with
+TVM through DLPack), an artifact can keep them in safetensors, and equal-shaped models build equal libraries.
+All regions share one IRModule so they are built, and their kernels deduplicated, once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def region_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(REGION_PREFIX)]
 
 
+def region_weights(sub: fx.GraphModule) -> list[str]:
+    """Attribute names of the constants a region reads, in the order its Relax function takes them."""
+    return [str(n.target) for n in sub.graph.nodes if n.op == "get_attr"]
+
+
 def lower_graph(gm: fx.GraphModule, settings: Settings) -> tvm.IRModule:
     ctx = LoweringContext(relax.BlockBuilder(), {})
     for call in region_nodes(gm):
@@ -43,15 +50,19 @@ def _lower_region(ctx: LoweringContext, call: fx.Node, sub: fx.GraphModule) -> N
         if info is None:
             raise StageError("lower", "input of the region has no static shape", node=ph.name)
         params.append(relax.Var(ph.name, relax.TensorType(info[0], dtype_name(info[1]))))
-
     env: dict[fx.Node, relax.Expr] = dict(zip(placeholders, params))
+    for node in sub.graph.nodes:
+        if node.op == "get_attr":
+            value = constant_of(sub, node)
+            var = relax.Var(str(node.target), relax.TensorType(tuple(value.shape), dtype_name(value.dtype)))
+            params.append(var)
+            env[node] = var
+
     bb = ctx.bb
     with bb.function(str(call.target), params):
         with bb.dataflow():
             for node in sub.graph.nodes:
-                if node.op == "get_attr":
-                    env[node] = relax.const(tvm.runtime.from_dlpack(constant_of(sub, node).contiguous()))
-                elif node.op == "call_function":
+                if node.op == "call_function":
                     args = fx.node.map_arg(node.args, env.__getitem__)
                     try:
                         env[node] = bb.emit(CONVERTERS[node.target].convert(ctx, node, args))

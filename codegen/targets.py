@@ -8,9 +8,11 @@ set explicitly.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import platform
+import re
 
 import torch
 import tvm
@@ -37,6 +39,59 @@ def host_target(num_threads: int) -> tvm.target.Target:
     if triple is not None:
         spec["mtriple"] = triple
     return tvm.target.Target(spec)
+
+
+# Short names for the `target` option; anything else is TVM's JSON dict form of an LLVM target.
+TARGET_ALIASES = {
+    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic"},
+    "x86_64": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},  # AVX2 + FMA
+}
+
+
+def parse_target(spec: str, num_threads: int) -> tvm.target.Target:
+    """The `target` option -> a TVM target. Raises ValueError with what is accepted."""
+    if spec == "host":
+        return host_target(num_threads)
+    if spec in TARGET_ALIASES:
+        return tvm.target.Target({**TARGET_ALIASES[spec], "num-cores": num_threads})
+    try:
+        fields = json.loads(spec)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise ValueError(f"target {spec!r} is not 'host', one of {', '.join(TARGET_ALIASES)}, or a JSON LLVM target "
+                         'such as \'{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}\'')
+    if fields.get("kind") != "llvm":
+        raise ValueError(f"target kind {fields.get('kind')!r}: sparsecc has CPU (LLVM) kernels only; GPU kernels "
+                         "are not written yet")
+    return tvm.target.Target({"num-cores": num_threads, **fields})
+
+
+def target_arch(target: tvm.target.Target) -> str:
+    triple = str(target.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
+    return triple.split("-")[0]
+
+
+def host_arch() -> str:
+    return _TRIPLES.get(platform.machine().lower(), platform.machine().lower()).split("-")[0]
+
+
+# Instruction-set features (code using one faults on a CPU without it); LLVM's list also holds tuning flags
+# such as "slow-3ops-lea" that say nothing about where code runs.
+_ISA_FEATURE = re.compile(r"^(sse|ssse|avx|fma|bmi|f16c|popcnt|lzcnt|movbe|aes|pclmul|sha|vaes|vpclmulqdq|gfni|amx|"
+                          r"adx|cx16|sve|neon|fp-armv8|dotprod|i8mm|bf16|fullfp16|sme)")
+
+
+def cpu_features(target: tvm.target.Target) -> list[str]:
+    return sorted(f for f in map(str, tvm.target.codegen.llvm_get_cpu_features(target)) if _ISA_FEATURE.match(f))
+
+
+def missing_features(target: tvm.target.Target) -> list[str]:
+    """CPU features code built for `target` may use that this machine's CPU lacks (empty: it runs here)."""
+    if target_arch(target) != host_arch():
+        return [f"arch {target_arch(target)}"]
+    have = set(cpu_features(host_target(1)))
+    return [f for f in cpu_features(target) if f not in have]
 
 
 def resolve_threads(requested: int | None) -> int:

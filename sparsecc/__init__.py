@@ -2,11 +2,16 @@
 
     torch.compile(model, backend="sparsecc", options={...})     # after `pip install sparsecc`
     sparsecc.compile(model, options={...})                       # same, plus torch.sparse weights
+    sparsecc.export(model, example_inputs, "artifact/", **options)  # ahead of time, for another process
+    model = sparsecc.load("artifact/")
 """
 
 from sparsecc import ops  # noqa: F401  (registers the sparsecc:: custom ops)
 from sparsecc.api import _installed_as_entry_point, compile, densify_sparse_weights, register_backend
+from sparsecc.artifact import LoadedModel, export, load, plan_program
 from sparsecc.errors import (
+    ArtifactError,
+    InputError,
     OptionError,
     SparseccError,
     SparseccFallbackWarning,
@@ -26,6 +31,7 @@ if not _installed_as_entry_point():
     register_backend()
 
 __all__ = [
+    "ArtifactError", "InputError", "LoadedModel", "export", "load", "plan_program",
     "CompiledGraph", "FormatChoice", "OptionError", "Settings", "SparseFormat", "SparsePlan", "SparseccError",
     "SparseccFallbackWarning", "StageError", "UnsupportedError", "WeightChangedError", "WeightSparsity",
     "compile", "compiled_graphs", "densify_sparse_weights", "register_backend",

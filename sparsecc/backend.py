@@ -19,4 +19,7 @@ def sparsecc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options:
     if mode is not None:
         raise OptionError(f"torch.compile(mode={mode!r}) is an Inductor setting; sparsecc takes options={{...}}")
     settings = options if isinstance(options, Settings) else Settings.from_options(options)
+    if settings.target != "host":
+        raise OptionError(f"option target={settings.target!r}: torch.compile runs kernels on this machine, so its "
+                          "target is 'host'; build for other machines with sparsecc.export or `sparsecc build`")
     return CompiledGraph(gm, example_inputs, settings, run_pipeline)

@@ -52,7 +52,9 @@ def user_name(placeholder: str) -> str:
     return name.strip("_")
 
 
-def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings) -> CapturedGraph:
+def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
+            names: dict[int, str] | None = None) -> CapturedGraph:
+    """`names`: the user's name of each weight position, where the placeholders do not carry it (AOT)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise UnsupportedError(
@@ -72,7 +74,7 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Setting
     weight_pos = tuple(i for i, v in enumerate(example_inputs) if is_weight(v))
     input_pos = tuple(i for i in range(len(example_inputs)) if i not in weight_pos)
     constants = {i: example_inputs[i].detach() for i in weight_pos}
-    names = {i: user_name(placeholders[i].name) for i in weight_pos}
+    names = {i: (names or {}).get(i) or user_name(placeholders[i].name) for i in weight_pos}
 
     def run(*inputs: Any) -> Any:
         full = list(example_inputs)

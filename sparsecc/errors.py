@@ -34,3 +34,12 @@ class WeightChangedError(SparseccError):
 
 class SparseccFallbackWarning(UserWarning):
     """sparsecc could not compile a graph and runs it in plain PyTorch instead."""
+
+
+class ArtifactError(SparseccError):
+    """An artifact directory is missing, incomplete, corrupt, from another format version, or built for a
+    machine this is not."""
+
+
+class InputError(SparseccError, ValueError):
+    """A compiled artifact was called with inputs that differ from the ones it was built for."""

@@ -33,11 +33,14 @@ class PipelineState:
     settings: Settings
     source: fx.GraphModule  # the graph as dynamo (or the AOT entry) gave it
     example_inputs: Sequence[Any]
+    weight_names: dict[int, str] | None = None  # user names of weight inputs the graph does not carry (AOT)
     captured: CapturedGraph | None = None
     gm: fx.GraphModule | None = None  # the current canonical graph
     plan: SparsePlan | None = None
     irmodule: Any = None  # tvm.IRModule
-    vm: Any = None  # tvm.relax.VirtualMachine
+    executable: Any = None  # tvm.runtime.Executable of all regions
+    target: Any = None  # the tvm.target.Target it was built for
+    vm: Any = None  # tvm.relax.VirtualMachine; None when the target is not this machine
     sparse_ops: int = 0  # sparsecc:: ops in the rewritten graph
     regions: tuple[str, ...] = ()  # names of the regions built by TVM
     dense_backend: str | None = None  # where a graph without regions runs: "eager" or "inductor"
@@ -56,7 +59,7 @@ class PipelineState:
 
 
 def _capture(s: PipelineState) -> None:
-    s.captured = capture(s.source, s.example_inputs, s.settings)
+    s.captured = capture(s.source, s.example_inputs, s.settings, s.weight_names)
     s.gm = s.captured.gm
 
 
@@ -99,17 +102,23 @@ def _lower(s: PipelineState) -> None:
 
 
 def _build(s: PipelineState) -> None:
-    from sparsecc.codegen.build import build
+    from sparsecc.codegen.build import build, runs_here, virtual_machine
     from sparsecc.codegen.executable import TvmRegion
-    from sparsecc.codegen.importer import region_nodes
+    from sparsecc.codegen.importer import region_nodes, region_weights
 
     regions = region_nodes(s.gm)
     if not regions:
         return
-    s.vm = build(s.irmodule, s.settings)
-    for call in regions:
-        setattr(s.gm, call.target, TvmRegion(s.vm, call.target))
+    s.executable, s.target = build(s.irmodule, s.settings)
     s.regions = tuple(call.target for call in regions)
+    if not runs_here(s.target):
+        log.info("build: target %s is not this machine; regions are built but not loaded", s.settings.target)
+        return
+    s.vm = virtual_machine(s.executable)
+    for call in regions:
+        sub = s.gm.get_submodule(call.target)
+        weights = {name: getattr(sub, name) for name in region_weights(sub)}
+        setattr(s.gm, call.target, TvmRegion(s.vm[call.target], call.target, weights))
 
 
 STAGE_FUNCS: tuple[tuple[str, Callable[[PipelineState], None]], ...] = (
@@ -124,8 +133,9 @@ STAGE_FUNCS: tuple[tuple[str, Callable[[PipelineState], None]], ...] = (
 assert tuple(name for name, _ in STAGE_FUNCS) == STAGES
 
 
-def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings) -> PipelineState:
-    state = PipelineState(settings, source, example_inputs)
+def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
+                 weight_names: dict[int, str] | None = None) -> PipelineState:
+    state = PipelineState(settings, source, example_inputs, weight_names)
     for name, stage in STAGE_FUNCS:
         start = time.perf_counter()
         try:
@@ -143,7 +153,7 @@ def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings
         log.info("sparsecc: %s done in %.2f s", name, state.seconds[name])
         if settings.stop_after == name:
             break
-    if settings.verify:
+    if settings.verify and (state.executable is None or state.vm is not None):
         _verify(state)
     return state
 

@@ -27,8 +27,9 @@ class Settings:
     # Which ops go to TVM: "sparse" = sparse ops and the reshapes around them (dense work stays in PyTorch,
     # which runs it faster than untuned TVM); "all" = every op sparsecc has a TVM converter for.
     offload: Literal["sparse", "all"] = "sparse"
-    # Only the host CPU for now.
-    target: Literal["host"] = "host"
+    # What the kernels are built for: "host" (this CPU), "aarch64", "x86_64" (any AVX2 + FMA CPU), or TVM's JSON
+    # form of an LLVM target. Other targets than the host only make sense for sparsecc.export / `sparsecc build`.
+    target: str = "host"
     # Threads for TVM kernels; None follows torch.get_num_threads().
     num_threads: int | None = None
     # Stop the pipeline after this stage and run what it produced (debugging, tests, `sparsecc inspect`).
@@ -57,9 +58,20 @@ class Settings:
         settings = cls(**options)
         if not 0.0 <= settings.csr_max_density <= 1.0:
             raise OptionError(f"option 'csr_max_density' must be within [0, 1], got {settings.csr_max_density}.")
+        if settings.target != "host":
+            _check_target(settings.target)
         if settings.num_threads is not None and settings.num_threads < 1:
             raise OptionError(f"option 'num_threads' must be >= 1 or None, got {settings.num_threads}.")
         return settings
+
+
+def _check_target(spec: str) -> None:
+    from sparsecc.codegen.targets import parse_target
+
+    try:
+        parse_target(spec, 1)
+    except ValueError as exc:
+        raise OptionError(f"option 'target': {exc}") from None
 
 
 def _check_type(key: str, value: Any, hint: Any) -> None:
