@@ -136,7 +136,7 @@ assert tuple(name for name, _ in STAGE_FUNCS) == STAGES
 def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
                  weight_names: dict[int, str] | None = None) -> PipelineState:
     state = PipelineState(settings, source, example_inputs, weight_names)
-    for name, stage in STAGE_FUNCS:
+    for number, (name, stage) in enumerate(STAGE_FUNCS, 1):
         start = time.perf_counter()
         try:
             stage(state)
@@ -150,7 +150,7 @@ def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings
             raise StageError(name, f"{type(exc).__name__}: {exc}") from exc
         state.completed.append(name)
         state.seconds[name] = time.perf_counter() - start
-        log.info("sparsecc: %s done in %.2f s", name, state.seconds[name])
+        log.info("sparsecc: [%d/%d] %s done in %.2f s", number, len(STAGE_FUNCS), name, state.seconds[name])
         if settings.stop_after == name:
             break
     if settings.verify and (state.executable is None or state.vm is not None):

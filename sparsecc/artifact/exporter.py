@@ -124,10 +124,11 @@ def package_version(name: str) -> str:
         return "unknown"
 
 
-def export(model: torch.nn.Module | ExportedProgram, example_inputs: Sequence[Any] | None, path: str | Path,
-           **options: Any) -> Path:
+def export(model: torch.nn.Module | ExportedProgram, example_inputs: Sequence[Any] | None, path: str | Path, *,
+           source_file: str | Path | None = None, **options: Any) -> Path:
     """Compile `model` ahead of time and write an artifact directory at `path` that `sparsecc.load` runs in a
-    process that never saw the model's code. Options are those of torch.compile(backend="sparsecc")."""
+    process that never saw the model's code. Options are those of torch.compile(backend="sparsecc").
+    `source_file`: the .pt2 the program came from, recorded (name and hash) so `sparsecc bench` can find it."""
     import tvm
 
     settings = Settings.from_options(options)
@@ -158,7 +159,8 @@ def export(model: torch.nn.Module | ExportedProgram, example_inputs: Sequence[An
             "target": _target_record(state), "library": library, "regions": regions,
             "inputs": [_spec(t) for t in inputs], "outputs": [_spec(t) for t in outputs],
             "output_tree": _out_tree(program), "options": settings_options(settings),
-            "stages": list(state.completed), "sparse_weights": state.plan.sparse_weights() if state.plan else [],
+            "stages": list(state.completed), "source": _source_record(source_file),
+            "sparse_weights": state.plan.sparse_weights() if state.plan else [],
         }
 
     path = write_atomically(path, fill)
@@ -195,6 +197,14 @@ def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
+
+
+def _source_record(source_file: str | Path | None) -> dict[str, str] | None:
+    from sparsecc.artifact.store import sha256
+
+    if source_file is None:
+        return None
+    return {"file": Path(source_file).name, "sha256": sha256(Path(source_file))}
 
 
 def _reproducible_tar(output: str, files: list[str], **_: Any) -> None:
