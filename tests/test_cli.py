@@ -101,3 +101,18 @@ def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0 and f"usage: sparsecc {command}" in capsys.readouterr().out
+
+
+def test_export_mlir_writes_encoded_weights(program, tmp_path):
+    pytest.importorskip("torch_mlir")
+    out = tmp_path / "model.mlir"
+    done = sparsecc_cli("export-mlir", program, "-o", out)
+    assert done.returncode == 0, done.stderr
+    from torch_mlir import ir
+
+    with ir.Context() as ctx:
+        ctx.allow_unregistered_dialects = False
+        module = ir.Module.parse(out.read_text())
+    text = str(module)
+    assert 'sparse_tensor.encoding' in text
+    assert text.count("#sparse") >= 2 and 'sparsecc.weight = "3.weight"' in text

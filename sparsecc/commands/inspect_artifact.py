@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if plan is not None:
         sparse = {k: c for k, c in plan["choices"].items() if c["format"] != "dense"}
         print(f"weights    {len(sparse)} of {len(plan['choices'])} sparse")
-        for key, c in sparse.items():
+        for key, c in sorted(sparse.items(), key=lambda kc: plan["weights"][kc[0]]["name"]):
             w = plan["weights"][key]
             block = f" {c['block'][0]}x{c['block'][1]}" if c["block"] else ""
             density = w["nnz"] / max(1, _numel(w["shape"]))
