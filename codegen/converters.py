@@ -15,7 +15,7 @@ from torch import fx
 from tvm import relax
 
 from sparsecc.codegen.kernels.bsr import ACTIVATIONS as KERNEL_ACTIVATIONS
-from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
+from sparsecc.codegen.kernels.bsr import KernelKnobs, bsr_linear_kernel
 from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
 from sparsecc.passes.graph_utils import RESHAPE_OPS, shape_dtype
 
@@ -95,25 +95,61 @@ def _sparse_check(node: fx.Node) -> bool:
     return bias is None or (shape_dtype(bias) is not None and shape_dtype(bias)[1] == xs[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class SparseLinearSpec:
+    """What a sparse_linear kernel is specialised to; layers with equal specs share one kernel."""
+
+    m: int
+    n: int
+    k: int
+    block: tuple[int, int]
+    dtype: str
+    activation: str
+    residual: bool
+    column_dtype: str
+    index_dtype: str = "int32"
+
+    @classmethod
+    def of(cls, node: fx.Node) -> "SparseLinearSpec":
+        x, indptr, indices, values, bias, out_features, activation, residual = sparse_linear_args(node.args)
+        (m, k), dtype = shape_dtype(x)
+        return cls(m, out_features, k, tuple(shape_dtype(values)[0][1:]), dtype_name(dtype), activation,
+                   residual is not None, dtype_name(shape_dtype(indices)[1]), dtype_name(shape_dtype(indptr)[1]))
+
+    @property
+    def key(self) -> tuple:
+        return ("sparse_linear", self.m, self.n, self.k, self.block, self.dtype, self.activation, self.residual,
+                self.column_dtype)
+
+    @property
+    def name(self) -> str:
+        fmt = "csr" if self.block == (1, 1) else f"bsr{self.block[0]}x{self.block[1]}"
+        epilogue = ("" if self.activation == "none" else f"_{self.activation}") + ("_residual" if self.residual else "")
+        return f"{fmt}_linear_{self.m}x{self.n}x{self.k}_{self.dtype}{epilogue}"
+
+    def kernel(self, knobs: KernelKnobs | None = None):
+        return bsr_linear_kernel(self.m, self.n, self.k, self.block, self.dtype, self.activation, self.residual,
+                                 self.index_dtype, self.column_dtype, knobs=knobs)
+
+
+# node.meta key under which codegen/tuning.py leaves the tuned KernelKnobs of a sparse_linear node.
+KNOBS_META = "sparsecc_kernel_knobs"
+
+
 @converter(torch.ops.sparsecc.sparse_linear.default, check=_sparse_check)
 def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
     x, indptr, indices, values, bias, out_features, activation, residual = sparse_linear_args(args)
-    (m, k), dtype = shape_dtype(node.args[0])
-    dt = dtype_name(dtype)
+    spec = SparseLinearSpec.of(node)
+    dtype = shape_dtype(node.args[0])[1]
     if bias is None:
         bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(out_features, dtype=dtype)))
-    block = tuple(shape_dtype(node.args[3])[0][1:])
-    fmt = "csr" if block == (1, 1) else f"bsr{block[0]}x{block[1]}"
-    has_residual = residual is not None
     if residual is None:
         residual = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, 1, dtype=dtype)))
-    epilogue = ("" if activation == "none" else f"_{activation}") + ("_residual" if has_residual else "")
-    columns = dtype_name(shape_dtype(node.args[2])[1])
-    gv = ctx.kernel(("sparse_linear", m, out_features, k, block, dt, activation, has_residual, columns),
-                    lambda: bsr_linear_kernel(m, out_features, k, block, dt, activation, has_residual,
-                                              column_dtype=columns),
-                    f"{fmt}_linear_{m}x{out_features}x{k}_{dt}{epilogue}")
-    return relax.call_tir(gv, [x, indptr, indices, values, bias, residual], relax.TensorType((m, out_features), dt))
+    knobs = node.meta.get(KNOBS_META)  # None: the template's defaults
+    key = spec.key if knobs is None else (*spec.key, knobs)
+    gv = ctx.kernel(key, lambda: spec.kernel(knobs), spec.name)
+    return relax.call_tir(gv, [x, indptr, indices, values, bias, residual],
+                          relax.TensorType((spec.m, spec.n), spec.dtype))
 
 
 @converter(*VIEW_OPS, check=_static)

@@ -44,6 +44,7 @@ class PipelineState:
     sparse_ops: int = 0  # sparsecc:: ops in the rewritten graph
     regions: tuple[str, ...] = ()  # names of the regions built by TVM
     dense_backend: str | None = None  # where a graph without regions runs: "eager" or "inductor"
+    tuning: Any = None  # codegen.tuning.TuningReport, with the `tune` option
     completed: list[str] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -98,6 +99,10 @@ def _partition(s: PipelineState) -> None:
 def _lower(s: PipelineState) -> None:
     from sparsecc.codegen.importer import lower_graph
 
+    if s.settings.tune is not None:
+        from sparsecc.codegen.tuning import tune_graph
+
+        s.tuning = tune_graph(s.gm, s.settings)
     s.irmodule = lower_graph(s.gm, s.settings)
 
 

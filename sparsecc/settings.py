@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -11,6 +12,90 @@ from typing import Any, Literal, Mapping
 from sparsecc.errors import OptionError
 
 STAGES = ("capture", "analysis", "plan", "rewrite", "partition", "lower", "build")
+
+
+@dataclasses.dataclass(frozen=True)
+class RpcSettings:
+    """Where tuning measures: an RPC tracker and the key its servers registered under (`python -m tvm.exec.rpc_tracker`,
+    `python -m tvm.exec.rpc_server --tracker host:port --key KEY`). The servers' CPUs must be the target's."""
+
+    tracker: str  # "host:port"
+    key: str
+    # RPC sessions (servers) measuring at once; candidates are spread over them.
+    sessions: int = 1
+    priority: int = 1
+    # Seconds after which a server ends a session (0: never).
+    session_timeout: float = 0.0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.tracker.rpartition(":")
+        return host, int(port)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    """The `tune` option. `trials`: kernel variants measured per kernel (0: use what the tuning database holds, measure
+    nothing). A kernel already tuned with at least that many trials (or with its whole search space) is taken from the
+    database. `retune`: measure again even then. `rpc`: measure on RPC servers instead of in this process."""
+
+    trials: int = 16
+    retune: bool = False
+    rpc: RpcSettings | None = None
+
+    @classmethod
+    def from_option(cls, value: Any) -> "TuneSettings":
+        if not isinstance(value, Mapping):
+            raise OptionError(f"option 'tune' must be a dict such as {{'trials': 16}}, or None; got {value!r}.")
+        value = dict(value)
+        _check_sub_keys("tune", value, cls)
+        if "trials" in value and (not isinstance(value["trials"], int) or isinstance(value["trials"], bool)
+                                  or value["trials"] < 0):
+            raise OptionError(f"option 'tune': 'trials' must be an int >= 0; got {value['trials']!r}.")
+        if "retune" in value and not isinstance(value["retune"], bool):
+            raise OptionError(f"option 'tune': 'retune' must be True or False; got {value['retune']!r}.")
+        if value.get("rpc") is not None:
+            value["rpc"] = _rpc_settings(value["rpc"])
+        return cls(**value)
+
+
+def _check_sub_keys(where: str, value: dict, cls: type) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in value:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise OptionError(f"option '{where}' has no key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def _rpc_settings(value: Any) -> RpcSettings:
+    if isinstance(value, RpcSettings):
+        return value
+    if not isinstance(value, Mapping):
+        raise OptionError("option 'tune': 'rpc' must be a dict such as {'tracker': '127.0.0.1:9190', 'key': 'cpu'}; "
+                          f"got {value!r}.")
+    value = dict(value)
+    _check_sub_keys("tune.rpc", value, RpcSettings)
+    for required in ("tracker", "key"):
+        if required not in value:
+            raise OptionError(f"option 'tune.rpc' needs '{required}' (valid keys: tracker, key, sessions, priority, "
+                              "session_timeout).")
+    tracker = value["tracker"]
+    host, _, port = tracker.rpartition(":") if isinstance(tracker, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionError(f"option 'tune.rpc': 'tracker' must be 'host:port'; got {tracker!r}.")
+    if not isinstance(value["key"], str) or not value["key"]:
+        raise OptionError(f"option 'tune.rpc': 'key' must be a non-empty string; got {value['key']!r}.")
+    for name, minimum in (("sessions", 1), ("priority", None)):
+        v = value.get(name, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or (minimum is not None and v < minimum):
+            raise OptionError(f"option 'tune.rpc': '{name}' must be an int{f' >= {minimum}' if minimum else ''}; "
+                              f"got {v!r}.")
+    timeout = value.get("session_timeout", 0.0)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        raise OptionError(f"option 'tune.rpc': 'session_timeout' must be seconds >= 0; got {timeout!r}.")
+    value["session_timeout"] = float(timeout)
+    return RpcSettings(**value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,19 +126,28 @@ class Settings:
     dense_backend: Literal["auto", "eager", "inductor"] = "auto"
     # When a weight changes after compiling: compile again, or raise WeightChangedError.
     on_weight_change: Literal["recompile", "raise"] = "recompile"
+    # Autotune the sparse kernels, e.g. {"trials": 16} or {"trials": 16, "rpc": {"tracker": "host:9190", "key":
+    # "cpu"}}; see TuneSettings. Results persist in the tuning database under `cache_dir`; None: untuned kernels.
+    tune: TuneSettings | None = None
+    # Directory of sparsecc's on-disk cache (the tuning database); None: $SPARSECC_CACHE_DIR, else ~/.cache/sparsecc.
+    cache_dir: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "Settings":
         options = dict(options or {})
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
-        for key, value in options.items():
+        for key, value in list(options.items()):
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
                 raise OptionError(
                     f"unknown sparsecc option '{key}'.{hint} Valid options: {', '.join(sorted(fields))}."
                 )
+            if key == "tune" and value is not None and not isinstance(value, TuneSettings):
+                value = options[key] = TuneSettings.from_option(value)
+            if key == "cache_dir" and isinstance(value, os.PathLike):
+                value = options[key] = os.fspath(value)
             _check_type(key, value, hints[key])
         settings = cls(**options)
         if not 0.0 <= settings.csr_max_density <= 1.0:

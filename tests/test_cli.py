@@ -116,3 +116,16 @@ def test_export_mlir_writes_encoded_weights(program, tmp_path):
     text = str(module)
     assert 'sparse_tensor.encoding' in text
     assert text.count("#sparse") >= 2 and 'sparsecc.weight = "3.weight"' in text
+
+
+def test_tune_fills_the_database_and_build_reuses_it(program, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path / "cache"))
+    first = sparsecc_cli("tune", program, "--trials", "2")
+    assert first.returncode == 0, first.stderr
+    assert "tuned" in first.stdout and (tmp_path / "cache" / "tuning.sqlite").is_file()
+    again = sparsecc_cli("tune", program, "--trials", "2")
+    assert again.returncode == 0 and "0 measurements" in again.stdout and "database" in again.stdout
+    built = sparsecc_cli("build", program, "-o", tmp_path / "art", "--tune", "2")
+    assert built.returncode == 0, built.stderr
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["options"]["tune"]["trials"] == 2

@@ -15,11 +15,21 @@ Layout, and why:
 - Accumulators live on the stack (see STACK_LIMIT_BYTES), so LLVM keeps them in registers.
 Token count, sizes, block shape, epilogue and dtype are baked in; the number of stored blocks stays symbolic so
 layers of one shape share one kernel.
+
+Knobs (`KernelKnobs`): token tile, output rows per task, loop order and accumulator chains. `default_knobs` holds
+the heuristics above; codegen/tuning.py searches the others per kernel and weight pattern.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from tvm.script import tirx as T
+
+# Bump when the generated code changes for the same knobs: tuning results stored for an older template are
+# then ignored (the tuning database keys on it).
+TEMPLATE = "bsr_linear"
+TEMPLATE_VERSION = 1
 
 # Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128 for 1-row blocks.
 TOKEN_TILE = 32
@@ -38,31 +48,71 @@ def prefers_token_outer(k: int) -> bool:
     return k >= 2048
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelKnobs:
+    """The template's free parameters. Every combination computes the same result; only speed differs.
+
+    token_tile: tokens per vector run (a power of two; clipped to the token count). The accumulators,
+        chains * r * token_tile values, must stay below STACK_LIMIT_BYTES (see `fits`).
+    rows_per_task: output rows one parallel task owns (whole block-rows, at least one); also the
+        thread split: tasks = n / rows_per_task.
+    token_outer: token tiles outside the parallel loop (all threads share one slice of x^T) or inside it.
+    chains: independent accumulator sets the non-zeros of a row are spread over (hides FMA latency).
+    """
+
+    token_tile: int
+    rows_per_task: int
+    token_outer: bool
+    chains: int
+
+    def fits(self, block: tuple[int, int], dtype: str) -> bool:
+        """Whether the accumulators stay on the stack (else LLVM stores them after every FMA)."""
+        return self.chains * block[0] * self.token_tile * _elem_bytes(dtype) < STACK_LIMIT_BYTES
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _elem_bytes(dtype: str) -> int:
+    return 8 if dtype == "float64" else 4
+
+
+def default_knobs(m: int, n: int, k: int, block: tuple[int, int], dtype: str) -> KernelKnobs:
+    """The untuned heuristics: 32-token tiles halved until the accumulators fit the stack, 8 output rows a task,
+    token-outer from K = 2048, 4 / r accumulator chains."""
+    r, _ = block
+    chains = max(1, 4 // r)
+    tile = TOKEN_TILE
+    while tile > 1 and chains * r * tile * _elem_bytes(dtype) >= STACK_LIMIT_BYTES:
+        tile //= 2
+    return KernelKnobs(token_tile=tile, rows_per_task=ROWS_PER_TASK, token_outer=prefers_token_outer(k),
+                       chains=chains)
+
+
 def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",
-                      residual: bool = False, token_outer: bool | None = None, index_dtype: str = "int32",
-                      column_dtype: str = "int32"):
+                      residual: bool = False, index_dtype: str = "int32", column_dtype: str = "int32", *,
+                      knobs: KernelKnobs | None = None):
     """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], res, y[m, n])`.
     `res` is (m, n) when `residual`, else an unused (1, 1) buffer. Needs n % r == 0 and k % c == 0 (the planner
-    only picks block shapes that divide the weight)."""
+    only picks block shapes that divide the weight). `knobs` defaults to `default_knobs(m, n, k, block, dtype)`."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
-    if token_outer is None:
-        token_outer = prefers_token_outer(k)
+    if knobs is None:
+        knobs = default_knobs(m, n, k, block, dtype)
+    if knobs.token_tile < 1 or knobs.rows_per_task < 1 or knobs.chains < 1:
+        raise ValueError(f"knobs must be positive: {knobs}")
+    token_outer = knobs.token_outer
     r, c = block
-    chains = max(1, 4 // r)
-    elem = 8 if dtype == "float64" else 4
-    tile = TOKEN_TILE
-    while tile > 1 and chains * r * tile * elem >= STACK_LIMIT_BYTES:
-        tile //= 2
-    tile = min(tile, m)
+    # `chains`: independent accumulator sets. An FMA waits ~4 cycles for the previous one into the same
+    # register, so short blocks split their non-zeros over several sets.
+    chains = knobs.chains
+    tile = min(knobs.token_tile, m)
     m_outer = (m + tile - 1) // tile
     block_rows = n // r
-    group = max(1, ROWS_PER_TASK // r)  # block-rows per task
+    group = max(1, knobs.rows_per_task // r)  # block-rows per task
     tasks = (block_rows + group - 1) // group
     rows = group * r
     res_shape = (m, n) if residual else (1, 1)
-    # `chains` (above): independent accumulator sets. An FMA waits ~4 cycles for the previous one into the
-    # same register, so short blocks split their non-zeros over several sets.
 
     @T.macro
     def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, task):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -114,7 +115,8 @@ def plan_program(program: ExportedProgram, options: Mapping[str, Any] | None = N
 def settings_options(settings: Settings) -> dict[str, Any]:
     """The options that differ from the defaults (what the manifest records)."""
     default = Settings()
-    return {k: v for k, v in vars(settings).items() if getattr(default, k) != v}
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            for k, v in vars(settings).items() if getattr(default, k) != v}
 
 
 def package_version(name: str) -> str:
