@@ -129,3 +129,30 @@ def test_tune_fills_the_database_and_build_reuses_it(program, tmp_path, monkeypa
     assert built.returncode == 0, built.stderr
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["options"]["tune"]["trials"] == 2
+
+
+class ModelOutputLike(dict):
+    """A model's own output class, as transformers' ModelOutput is: the CLI's process cannot import it."""
+
+
+def test_program_returning_the_models_own_class_builds(tmp_path):
+    import torch.utils._pytree as pytree
+
+    pytree.register_pytree_node(
+        ModelOutputLike, lambda d: (list(d.values()), list(d.keys())),
+        lambda values, keys: ModelOutputLike(zip(keys, values)), serialized_type_name="not_importable.Output")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(128, 128)
+
+        def forward(self, x):
+            return ModelOutputLike(hidden=self.a(x))
+
+    net = Net().eval()
+    prune_linears_(net, 0.9)
+    torch.export.save(torch.export.export(net, (torch.randn(4, 128),)), str(tmp_path / "own.pt2"))
+    done = sparsecc_cli("build", tmp_path / "own.pt2", "-o", tmp_path / "art")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a dict stands in for it" in done.stderr and "Traceback" not in done.stderr
