@@ -48,12 +48,15 @@ def choose_format(w: WeightSparsity, settings: Settings) -> FormatChoice:
         return dense(f"also used by {', '.join(other)}, which has no sparse kernel yet")
     if w.numel < settings.min_weight_numel:
         return dense(f"{w.numel} elements < min_weight_numel {settings.min_weight_numel}")
-    if w.nnz == 0:
+    if w.nnz == 0 and allowed((1, 1), settings.formats):
         return FormatChoice(SparseFormat.CSR, None, 0.0, "all zeros")
     candidates = {(1, 1): w.density / settings.csr_max_density if settings.csr_max_density else float("inf")}
     for b in w.blocks:
         if (b.rows, b.cols) in BSR_BREAK_EVEN:
             candidates[(b.rows, b.cols)] = b.stored_density / BSR_BREAK_EVEN[(b.rows, b.cols)]
+    candidates = {b: e for b, e in candidates.items() if allowed(b, settings.formats)}
+    if not candidates:
+        return dense(f"formats={list(settings.formats)} allows no sparse format that fits this weight")
     block, est = min(candidates.items(), key=lambda kv: (kv[1], kv[0] != (1, 1)))
     others = ", ".join(f"{_name(b)} {e:.2f}x" for b, e in sorted(candidates.items(), key=lambda kv: kv[1]))
     # N:M weights run on the same kernels: at 2:4's 50 % density no sparse kernel measured faster than dense here
@@ -61,11 +64,26 @@ def choose_format(w: WeightSparsity, settings: Settings) -> FormatChoice:
     nm = w.nm_label()
     if nm is not None:
         others += f"; {nm} structured, run as its density allows"
-    if est >= 1.0:
-        return dense(f"density {w.density:.3f}: no sparse format predicted faster than dense ({others})")
+    forced = settings.formats is not None and "dense" not in settings.formats
     fmt = SparseFormat.CSR if block == (1, 1) else SparseFormat.BSR
+    if forced:
+        return FormatChoice(fmt, None if block == (1, 1) else block, est,
+                            f"density {w.density:.3f}: {_name(block)} forced by formats={list(settings.formats)}, "
+                            f"predicted at {est:.2f}x dense ({others})")
+    if est * settings.min_gain >= 1.0:
+        wanted = "faster than dense" if settings.min_gain == 1.0 else f"{settings.min_gain:.2f}x faster than dense"
+        return dense(f"density {w.density:.3f}: no sparse format predicted {wanted} ({others})")
     return FormatChoice(fmt, None if block == (1, 1) else block, est,
                         f"density {w.density:.3f}: {_name(block)} predicted at {est:.2f}x dense ({others})")
+
+
+def allowed(block: tuple[int, int], formats: tuple[str, ...] | None) -> bool:
+    """Whether the `formats` option lets the planner store a weight in `block`-shaped blocks ((1, 1): CSR)."""
+    if formats is None:
+        return True
+    if block == (1, 1):
+        return "csr" in formats
+    return "bsr" in formats or _name(block) in formats
 
 
 def _name(block: tuple[int, int]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from typing import Any, Literal, Mapping
@@ -129,6 +130,12 @@ class Settings:
     # Autotune the sparse kernels, e.g. {"trials": 16} or {"trials": 16, "rpc": {"tracker": "host:9190", "key":
     # "cpu"}}; see TuneSettings. Results persist in the tuning database under `cache_dir`; None: untuned kernels.
     tune: TuneSettings | None = None
+    # Formats the planner may choose from: "dense", "csr", "bsr" (any measured block shape) or "bsrRxC" (one shape).
+    # Without "dense" the best listed sparse format is forced on every weight that has a sparse kernel, even where
+    # it is predicted slower. None: all of them.
+    formats: tuple[str, ...] | None = None
+    # Go sparse only where the predicted speed-up over dense is at least this (1.2: 20 % faster).
+    min_gain: float = 1.0
     # Directory of sparsecc's on-disk cache (the tuning database); None: $SPARSECC_CACHE_DIR, else ~/.cache/sparsecc.
     cache_dir: str | None = None
 
@@ -146,6 +153,8 @@ class Settings:
                 )
             if key == "tune" and value is not None and not isinstance(value, TuneSettings):
                 value = options[key] = TuneSettings.from_option(value)
+            if key == "formats" and value is not None:
+                value = options[key] = _formats(value)
             if key == "cache_dir" and isinstance(value, os.PathLike):
                 value = options[key] = os.fspath(value)
             _check_type(key, value, hints[key])
@@ -154,9 +163,25 @@ class Settings:
             raise OptionError(f"option 'csr_max_density' must be within [0, 1], got {settings.csr_max_density}.")
         if settings.target != "host":
             _check_target(settings.target)
+        if settings.min_gain <= 0:
+            raise OptionError(f"option 'min_gain' must be > 0 (1.0: any predicted gain), got {settings.min_gain}.")
         if settings.num_threads is not None and settings.num_threads < 1:
             raise OptionError(f"option 'num_threads' must be >= 1 or None, got {settings.num_threads}.")
         return settings
+
+
+FORMAT_NAMES = ("dense", "csr", "bsr")
+
+
+def _formats(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise OptionError(f"option 'formats' must be a non-empty list such as ['dense', 'csr']; got {value!r}.")
+    for item in items:
+        if not (isinstance(item, str) and (item in FORMAT_NAMES or re.fullmatch(r"bsr\d+x\d+", item))):
+            raise OptionError(f"option 'formats': {item!r} is not one of {', '.join(FORMAT_NAMES)} or 'bsrRxC' "
+                              "(e.g. 'bsr8x1').")
+    return tuple(dict.fromkeys(items))
 
 
 def _check_target(spec: str) -> None:
@@ -188,7 +213,7 @@ def _check_type(key: str, value: Any, hint: Any) -> None:
                 except OptionError:
                     pass
         raise OptionError(f"option '{key}' must be {_describe(hint)}; got {value!r}.")
-    expected = hint
+    expected = typing.get_origin(hint) or hint  # tuple[str, ...] -> tuple (its items are checked where it is parsed)
     ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True

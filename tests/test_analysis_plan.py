@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity, WeightUse
+from sparsecc.errors import OptionError
+from sparsecc.formats import BlockStats, FormatChoice, SparseFormat, SparsePlan, WeightSparsity, WeightUse
 from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights, block_stats, nm_stats
 from sparsecc.passes.fold_constants import fold_constants
 from sparsecc.passes.plan_formats import choose_format, plan_formats
@@ -183,3 +184,38 @@ def test_dense_enough_groups_get_no_nm_label():
     w = n_of_m(64, 64, 3, 4)  # 3:4 is less than half sparse: not worth a label
     ws = WeightSparsity("w", (64, 64), "float32", int((w != 0).sum()), "strided", (), (), nm_stats(w))
     assert ws.nm_label() is None
+
+
+def _weight_with_blocks(density_csr: float, stored_8x1: float) -> WeightSparsity:
+    total = (768 // 8) * 768
+    return WeightSparsity(name="w", shape=(768, 768), dtype="float32", nnz=int(density_csr * 768 * 768),
+                          source_layout="strided", uses=(), blocks=(BlockStats(8, 1, int(stored_8x1 * total), total),))
+
+
+def test_formats_option_restricts_and_forces():
+    w = _weight_with_blocks(0.1, 0.2)  # CSR predicted 0.33x dense, 8x1 blocks 0.4x
+    assert choose_format(w, Settings()).format is SparseFormat.CSR
+    only_blocks = choose_format(w, Settings.from_options({"formats": ["dense", "bsr8x1"]}))
+    assert (only_blocks.format, only_blocks.block) == (SparseFormat.BSR, (8, 1))
+    assert choose_format(w, Settings.from_options({"formats": ["dense"]})).format is SparseFormat.DENSE
+    # Without "dense" in the list a sparse format is forced even where it is predicted slower than dense.
+    dense_ish = _weight_with_blocks(0.6, 0.9)
+    assert choose_format(dense_ish, Settings()).format is SparseFormat.DENSE
+    forced = choose_format(dense_ish, Settings.from_options({"formats": ["csr"]}))
+    assert forced.format is SparseFormat.CSR and "forced" in forced.reason and forced.est_cost > 1
+
+
+def test_min_gain_keeps_small_gains_dense():
+    w = _weight_with_blocks(0.24, 1.0)  # CSR predicted at 0.8x dense: a 1.25x gain
+    assert choose_format(w, Settings()).format is SparseFormat.CSR
+    kept = choose_format(w, Settings.from_options({"min_gain": 1.5}))
+    assert kept.format is SparseFormat.DENSE and "1.50x faster" in kept.reason
+    assert choose_format(w, Settings.from_options({"min_gain": 1.2})).format is SparseFormat.CSR
+
+
+def test_formats_and_min_gain_options_are_checked():
+    with pytest.raises(OptionError, match="'ell' is not one of"):
+        Settings.from_options({"formats": ["ell"]})
+    with pytest.raises(OptionError, match="min_gain"):
+        Settings.from_options({"min_gain": 0})
+    assert Settings.from_options({"formats": "csr"}).formats == ("csr",)

@@ -231,3 +231,22 @@ def test_block_pruned_model_uses_bsr(no_fallback):
     chosen = {watch.graphs[0].state.plan.weights[k].name: (c.format.value, c.block) for k, c in choice.items()}
     assert chosen["fc1.weight"] == ("bsr", (8, 1))  # 16 x 1 blocks are 8 x 1 blocks, the faster kernel
     assert watch.sparse_ops == 1 and watch.regions == 1
+
+
+def test_formats_option_picks_what_runs(no_fallback):
+    model = OddMLP()
+    model.fc1 = nn.Linear(96, 208)
+    model.fc2 = nn.Linear(208, 53, bias=False)
+    with torch.no_grad():
+        occupied = torch.rand(208 // 16, 96) < 0.1
+        model.fc1.weight.mul_(occupied.repeat_interleave(16, 0))
+    x = torch.randn(2, 9, 96)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, formats=["dense", "csr"])
+    torch.testing.assert_close(actual, expected, **FP32)
+    plan = watch.graphs[0].state.plan
+    chosen = {plan.weights[k].name: c.format.value for k, c in plan.choices.items()}
+    assert chosen["fc1.weight"] == "csr" and watch.sparse_ops == 1  # 8x1 blocks would win, but are not allowed
+    torch._dynamo.reset()
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, formats=["dense"])
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert watch.sparse_ops == 0
