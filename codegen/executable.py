@@ -30,7 +30,9 @@ class TvmRegion(torch.nn.Module):
         self._fn = function
         self.weights = {k: aligned(w) for k, w in weights.items()}
         self._tvm_weights = [tvm.runtime.from_dlpack(w) for w in self.weights.values()]
+        self.calls = 0  # how often the TVM function ran: what shows a caller the sparse path was taken
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = self._fn(*[tvm.runtime.from_dlpack(aligned(a)) for a in args], *self._tvm_weights)
+        self.calls += 1
         return tuple(torch.from_dlpack(o) for o in outs)

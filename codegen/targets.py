@@ -86,12 +86,16 @@ def cpu_features(target: tvm.target.Target) -> list[str]:
     return sorted(f for f in map(str, tvm.target.codegen.llvm_get_cpu_features(target)) if _ISA_FEATURE.match(f))
 
 
+@functools.cache
+def host_features() -> frozenset[str]:
+    return frozenset(cpu_features(host_target(1)))
+
+
 def missing_features(target: tvm.target.Target) -> list[str]:
     """CPU features code built for `target` may use that this machine's CPU lacks (empty: it runs here)."""
     if target_arch(target) != host_arch():
         return [f"arch {target_arch(target)}"]
-    have = set(cpu_features(host_target(1)))
-    return [f for f in cpu_features(target) if f not in have]
+    return [f for f in cpu_features(target) if f not in host_features()]
 
 
 def resolve_threads(requested: int | None) -> int:

@@ -54,7 +54,8 @@ def user_name(placeholder: str) -> str:
 
 def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
             names: dict[int, str] | None = None) -> CapturedGraph:
-    """`names`: the user's name of each weight position, where the placeholders do not carry it (AOT)."""
+    """`names`: position -> user name of each weight input, where the graph does not mark its weights (AOT: the
+    positions of a torch.export program's parameters, buffers and constants)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise UnsupportedError(
@@ -71,10 +72,13 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Setting
                 "weights before tracing, torch.compile cannot trace them"
             )
 
-    weight_pos = tuple(i for i, v in enumerate(example_inputs) if is_weight(v))
+    if names is not None:
+        weight_pos = tuple(sorted(names))
+    else:
+        weight_pos = tuple(i for i, v in enumerate(example_inputs) if is_weight(v))
     input_pos = tuple(i for i in range(len(example_inputs)) if i not in weight_pos)
     constants = {i: example_inputs[i].detach() for i in weight_pos}
-    names = {i: (names or {}).get(i) or user_name(placeholders[i].name) for i in weight_pos}
+    names = names if names is not None else {i: user_name(placeholders[i].name) for i in weight_pos}
 
     def run(*inputs: Any) -> Any:
         full = list(example_inputs)

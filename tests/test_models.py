@@ -217,13 +217,19 @@ def test_sparse_layout_weights_through_sparsecc_compile(no_fallback):
     assert watch.sparse_ops == 3
 
 
-def test_block_pruned_model_uses_bsr(no_fallback):
+def block_pruned_mlp() -> OddMLP:
+    """fc1 (208 x 96) keeps 10 % of its 16 x 1 blocks; fc2 stays dense."""
     model = OddMLP()
     model.fc1 = nn.Linear(96, 208)
     model.fc2 = nn.Linear(208, 53, bias=False)
     with torch.no_grad():
         occupied = torch.rand(208 // 16, 96) < 0.1
         model.fc1.weight.mul_(occupied.repeat_interleave(16, 0))
+    return model
+
+
+def test_block_pruned_model_uses_bsr(no_fallback):
+    model = block_pruned_mlp()
     x = torch.randn(2, 9, 96)
     actual, expected, watch, _ = run_both(model, x, min_weight_numel=1)
     torch.testing.assert_close(actual, expected, **FP32)
@@ -234,12 +240,7 @@ def test_block_pruned_model_uses_bsr(no_fallback):
 
 
 def test_formats_option_picks_what_runs(no_fallback):
-    model = OddMLP()
-    model.fc1 = nn.Linear(96, 208)
-    model.fc2 = nn.Linear(208, 53, bias=False)
-    with torch.no_grad():
-        occupied = torch.rand(208 // 16, 96) < 0.1
-        model.fc1.weight.mul_(occupied.repeat_interleave(16, 0))
+    model = block_pruned_mlp()
     x = torch.randn(2, 9, 96)
     actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, formats=["dense", "csr"])
     torch.testing.assert_close(actual, expected, **FP32)

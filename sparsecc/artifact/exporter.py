@@ -58,8 +58,8 @@ def user_inputs(program: ExportedProgram, example_inputs: Sequence[Any] | None) 
 
 
 def lifted_inputs(program: ExportedProgram, inputs: Sequence[torch.Tensor]) -> tuple[list[Any], dict[int, str]]:
-    """Every placeholder's value in the program's graph (weights first, as torch.export lifts them), weights
-    marked the way capture recognises them, and the user's name of each weight."""
+    """Every placeholder's value in the program's graph (weights first, as torch.export lifts them) and the
+    user's name of each weight position (what tells capture which inputs are weights)."""
     values: list[Any] = []
     names: dict[int, str] = {}
     user = iter(inputs)
@@ -69,10 +69,8 @@ def lifted_inputs(program: ExportedProgram, inputs: Sequence[torch.Tensor]) -> t
             values.append(next(user))
         elif spec.kind in WEIGHT_KINDS:
             tensor = constants[spec.target].detach()
-            if spec.kind == InputKind.PARAMETER:
+            if spec.kind == InputKind.PARAMETER:  # folding prefers parameters when naming a folded weight
                 tensor = torch.nn.Parameter(tensor, requires_grad=False)
-            else:
-                tensor._dynamo_static_input_type = "unguarded"  # what capture takes for a weight
             values.append(tensor)
             names[i] = spec.target
         else:

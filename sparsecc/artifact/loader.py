@@ -33,18 +33,21 @@ class LoadedModel(torch.nn.Module):
         self.path = path
         self.input_specs = manifest["inputs"]
         self._out_spec = _output_structure(manifest.get("output_tree"))
-        self.region_calls = 0  # how many times a TVM region ran (what tests check the sparse path with)
 
     @property
     def regions(self) -> list[str]:
         return list(self.manifest.get("regions", {}))
+
+    @property
+    def region_calls(self) -> int:
+        """How many times the artifact's TVM regions have run (0 would mean the sparse path was never taken)."""
+        return sum(self.graph_module.get_submodule(name).calls for name in self.regions)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = pytree.tree_leaves((args, kwargs))
         self._check(inputs)
         with torch.no_grad():
             outputs = self.graph_module(*inputs)
-        self.region_calls += len(self.regions)
         outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
         if self._out_spec is not None:
             return pytree.tree_unflatten(outputs, self._out_spec)
@@ -108,7 +111,7 @@ def load(path: str | Path) -> LoadedModel:
 
 
 def _check_target(manifest: dict[str, Any], path: Path) -> None:
-    from sparsecc.codegen.targets import cpu_features, host_arch, host_target
+    from sparsecc.codegen.targets import host_arch, host_features
 
     target = manifest.get("target", {})
     if not manifest.get("library"):
@@ -117,7 +120,7 @@ def _check_target(manifest: dict[str, Any], path: Path) -> None:
         raise ArtifactError(f"{path} was built for {target.get('arch')} ({target.get('mtriple')}, "
                             f"cpu {target.get('mcpu')}); this machine is {host_arch()}. Build it with --target host "
                             "here, or run it on a matching machine")
-    missing = sorted(set(target.get("features", ())) - set(cpu_features(host_target(1))))
+    missing = sorted(set(target.get("features", ())) - host_features())
     if missing:
         raise ArtifactError(f"{path} was built for cpu {target.get('mcpu')}, whose instructions "
                             f"{', '.join(missing)} this CPU lacks; rebuild with target 'host' or 'x86_64'")
