@@ -94,6 +94,7 @@ from sparsecc.codegen.kernels.bsr import TEMPLATE, TEMPLATE_VERSION, KernelKnobs
 from sparsecc.errors import SparseccError
 from sparsecc.ops import SPARSE_OPS, sparse_linear_args
 from sparsecc.passes.graph_utils import constant_of
+from sparsecc.progress import progress_bar
 from sparsecc.settings import RpcSettings, Settings, TuneSettings
 from sparsecc.tolerances import TOLERANCES
 from sparsecc.tuning_db import TuningDatabase, TuningKey, TuningRecord
@@ -297,15 +298,15 @@ class _Device:
         self.session = session
         self.loaded: dict[KernelKnobs, Any] = {}
         self.arrays: list[Any] = []
-        self.task_id: int | None = None
+        self.task: KernelTask | None = None
 
     def prepare(self, task: KernelTask, inputs: Sequence[np.ndarray]) -> None:
-        if self.task_id == id(task):
+        if self.task is task:
             return
         self.loaded.clear()
         self.arrays = [tvm.runtime.tensor(a, self.device) for a in inputs]
         self.out = tvm.runtime.tensor(np.zeros((task.spec.m, task.spec.n), dtype=inputs[0].dtype), self.device)
-        self.task_id = id(task)
+        self.task = task  # held, not its id: a freed task's id is reused by the next one
         if self.session is None:  # the PyTorch op run before each timed kernel (see `time_us`)
             x = torch.from_numpy(inputs[0])
             self.torch_op = (x, torch.randn(CONTEXT_FEATURES, x.shape[1], dtype=x.dtype))
@@ -611,29 +612,6 @@ def search(task: KernelTask, trials: int, runner: Runner, start: KernelKnobs | N
     return best, confirmed[best], confirmed[default], len(times), len(times) == len(space)
 
 
-def _progress_bar(total: int):
-    """tqdm when installed (shown on a terminal only), else INFO logs."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        bar = tqdm(total=total, desc="sparsecc tune", unit="trial", disable=None, leave=False)
-
-        def update(n: int, note: str) -> None:
-            bar.update(n)
-            bar.set_postfix_str(note, refresh=False)
-
-        return update, bar.close
-    done = [0]
-
-    def update(n: int, note: str) -> None:
-        done[0] += n
-        log.info("tune: %d/%d trials (%s)", done[0], total, note)
-
-    return update, lambda: None
-
-
 def tune_tasks(tasks: Sequence[KernelTask], tune: TuneSettings, target: tvm.target.Target, threads: int,
                db: TuningDatabase, runner_factory: Callable[[], Runner] | None = None) -> TuningReport:
     """Knobs for each task: from the database when it holds a search of at least `tune.trials` (or of the whole
@@ -662,7 +640,7 @@ def tune_tasks(tasks: Sequence[KernelTask], tune: TuneSettings, target: tvm.targ
         runner = runner_factory()
         measured_on = runner.description
         total = sum(min(tune.trials, len(candidate_space(t.spec))) for _, t, _, _ in todo)
-        update, close = _progress_bar(total)
+        update, close = progress_bar(total, "sparsecc tune", "trial")
         try:
             for i, task, key, record in todo:
                 t0 = time.perf_counter()

@@ -12,6 +12,8 @@ import logging
 import torch
 from torch import fx
 
+from sparsecc.codegen.kernels.bsr import ROWS_PER_TASK
+from sparsecc.codegen.targets import resolve_threads
 from sparsecc.formats import BlockStats, WeightSparsity, WeightUse
 from sparsecc.passes.fold_constants import LAYOUT, ORIGIN
 from sparsecc.passes.graph_utils import constant_of
@@ -49,11 +51,14 @@ def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
         for pos in positions or ():
             arg = node.args[pos] if pos < len(node.args) else None
             if isinstance(arg, fx.Node) and constant_of(gm, arg) is not None:
-                uses.setdefault(arg, []).append(WeightUse(str(node.target), pos, node.name))
+                uses.setdefault(arg, []).append(WeightUse(str(node.target), pos, node.name,
+                                                           _tokens(node, constant_of(gm, arg), pos)))
                 right.setdefault(arg, (node.target, pos) in RIGHT_OPERANDS)
 
+    threads = resolve_threads(settings.num_threads)
     for node, node_uses in uses.items():
         tensor = constant_of(gm, node)
+        matrix = (tensor.t() if right[node] else tensor) if tensor.dim() == 2 else None
         node.meta[META_KEY] = WeightSparsity(
             name=str(node.meta.get(ORIGIN, node.target)),
             shape=tuple(tensor.shape),
@@ -61,14 +66,16 @@ def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
             nnz=int(torch.count_nonzero(tensor)),
             source_layout=node.meta.get(LAYOUT, "strided"),
             uses=tuple(node_uses),
-            blocks=block_stats(tensor.t() if right[node] else tensor) if tensor.dim() == 2 else (),
-            nm=nm_stats(tensor.t() if right[node] else tensor) if tensor.dim() == 2 else (),
+            blocks=block_stats(matrix, threads) if matrix is not None else (),
+            nm=nm_stats(matrix) if matrix is not None else (),
+            matrix=tuple(matrix.shape) if matrix is not None else (),
+            imbalance=imbalance((matrix != 0).sum(dim=1), 1, threads) if matrix is not None else 1.0,
         )
     log.debug("analysis: %d weights feed matrix products", len(uses))
     return gm
 
 
-def block_stats(matrix: torch.Tensor) -> tuple[BlockStats, ...]:
+def block_stats(matrix: torch.Tensor, threads: int = 1) -> tuple[BlockStats, ...]:
     """Non-empty blocks of each shape in BLOCK_SHAPES that divides the (out, in) matrix, counted without loops."""
     n, k = matrix.shape
     nonzero = matrix != 0
@@ -77,8 +84,37 @@ def block_stats(matrix: torch.Tensor) -> tuple[BlockStats, ...]:
         if n % r or k % c:
             continue
         occupied = nonzero.reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
-        stats.append(BlockStats(r, c, int(occupied.sum()), occupied.numel()))
+        stats.append(BlockStats(r, c, int(occupied.sum()), occupied.numel(),
+                                imbalance(occupied.sum(dim=1), r, threads)))
     return tuple(stats)
+
+
+def imbalance(per_block_row: torch.Tensor, r: int, threads: int) -> float:
+    """The busiest thread's share of stored blocks over the mean share, split as the kernel splits the work: tasks of
+    ROWS_PER_TASK output rows, handed to threads in contiguous runs (TVM's static schedule)."""
+    total = int(per_block_row.sum())
+    if threads <= 1 or total == 0:
+        return 1.0
+    group = max(1, ROWS_PER_TASK // r)
+    counts = per_block_row.to(torch.int64)
+    pad = (-len(counts)) % group
+    tasks = torch.nn.functional.pad(counts, (0, pad)).reshape(-1, group).sum(dim=1)
+    per_thread = -(-len(tasks) // threads)
+    pad = (-len(tasks)) % per_thread
+    chunks = torch.nn.functional.pad(tasks, (0, pad)).reshape(-1, per_thread).sum(dim=1)
+    return round(float(chunks.max()) * threads / total, 4)
+
+
+def _tokens(node: fx.Node, w: torch.Tensor, pos: int) -> int:
+    """Rows a matrix product applies the weight to: its output's elements over the weight's output features."""
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor) or w.dim() != 2:
+        return 0
+    features = w.shape[1] if (node.target, pos) in RIGHT_OPERANDS else w.shape[0]
+    try:
+        return int(out.numel()) // int(features) if int(features) else 0
+    except TypeError:  # symbolic sizes
+        return 0
 
 
 def nm_stats(matrix: torch.Tensor) -> tuple[tuple[int, int], ...]:

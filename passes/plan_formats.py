@@ -1,16 +1,22 @@
-"""Plan: choose a storage format per analysed weight (dense, CSR or BSR with some block shape) and say why.
+"""Plan: choose a storage format per analysed weight (dense in PyTorch, CSR, or BSR with some block shape) and say why.
 
-The cost estimate is deliberately simple until the cost model lands: a sparse format's time relative to dense
-grows linearly with the fraction of the weight it stores, and breaks even at a density measured for each
-block shape with benchmarks/linear_kernels.py (CSR: `csr_max_density`).
+With `cost_model="calibrated"` each candidate's time comes from the cost model (sparsecc/cost_model.py) on the
+machine model of the target (calibrated once per machine, sparsecc/calibration.py), summed over the weight's uses at
+their token counts, and every candidate's prediction goes into the plan. The default, "break-even", prices a format
+by the fraction of the weight it stores over its measured break-even density, whatever the shape and token count:
+the calibrated model does not yet meet its quality target (docs/benchmarks.md, plan quality), and on models of the
+BERT kind the break-even rule picks the same formats. Either way the fastest wins, and a sparse format must beat
+dense by `min_gain`.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from torch import fx
 
+from sparsecc.cost_model import MachineModel, predict_dense, predict_sparse
 from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity
 from sparsecc.passes.analyze_weights import analysed_weights
 from sparsecc.settings import Settings
@@ -20,24 +26,52 @@ log = logging.getLogger(__name__)
 SPARSE_DTYPES = ("float32", "float64")
 # Uses the CSR rewrite can take: a 2-D matrix product with the weight in either operand.
 CSR_USES = {("aten.mm.default", 0), ("aten.mm.default", 1), ("aten.addmm.default", 1), ("aten.addmm.default", 2)}
-
-# Stored density at which BSR with (rows, cols) blocks costs as much as dense: benchmarks/kernel_break_even.py
-# (mean of BERT's three shapes on AVX-512) times 0.75 for the slowdown inside a model. 16x1 blocks run with
-# shorter token tiles (their accumulators must fit the stack) and break even lower than 8x1.
+# Stored fraction above which a format is not offered unless forced: each kernel's break-even density against
+# PyTorch at BERT shapes, 128 tokens (benchmarks/kernel_break_even.py). The cost model is least reliable there:
+# it predicted CSR at 50 % density at 0.6x dense where it measured 1.1x (benchmarks/plan_quality.py, docs).
+MAX_STORED_DENSITY = {(1, 1): 0.42, (1, 4): 0.48, (4, 1): 0.61, (8, 1): 0.67, (16, 1): 0.53, (4, 4): 0.71, (8, 8): 0.67}
+# The `cost_model="break-even"` planner: a format's time relative to dense grows linearly with the fraction of the
+# weight it stores and breaks even at these densities, measured by benchmarks/kernel_break_even.py (mean of BERT's
+# three shapes on AVX-512) times 0.75 for the slowdown inside a model. 16x1 blocks run with shorter token tiles (their
+# accumulators must fit the stack) and break even lower than 8x1.
 BSR_BREAK_EVEN = {(1, 4): 0.36, (4, 1): 0.46, (8, 1): 0.5, (16, 1): 0.4, (4, 4): 0.53, (8, 8): 0.5}
+CSR_BREAK_EVEN = 0.3
+# Token count assumed for a use whose graph does not carry shapes (symbolic tracing).
+UNKNOWN_TOKENS = 128
 
 
-def plan_formats(gm: fx.GraphModule, settings: Settings) -> SparsePlan:
+def plan_formats(gm: fx.GraphModule, settings: Settings, machine: MachineModel | None = None) -> SparsePlan:
     weights = analysed_weights(gm)
-    choices = {name: choose_format(w, settings) for name, w in weights.items()}
+    model = _lazy_machine(settings, machine)
+    priced = model if machine is not None or settings.cost_model == "calibrated" else None
+    choices = {name: choose_format(w, settings, priced) for name, w in weights.items()}
     n_sparse = sum(c.format is not SparseFormat.DENSE for c in choices.values())
     log.info("plan: %d of %d weights sparse", n_sparse, len(choices))
-    return SparsePlan(choices=choices, weights=weights)
+    described = model.loaded.description if model.loaded is not None else ""
+    if model.loaded is not None and not model.loaded.calibrated:
+        log.warning("plan: the target %s cannot be measured here; predictions use %s", settings.target, described)
+    return SparsePlan(choices=choices, weights=weights, machine=described)
 
 
-def choose_format(w: WeightSparsity, settings: Settings) -> FormatChoice:
-    def dense(reason: str) -> FormatChoice:
-        return FormatChoice(SparseFormat.DENSE, None, 1.0, reason)
+class _lazy_machine:
+    """The machine model, calibrated (or read from the cache) only when a weight needs a prediction."""
+
+    def __init__(self, settings: Settings, machine: MachineModel | None):
+        self.settings = settings
+        self.loaded = machine
+
+    def __call__(self) -> MachineModel:
+        if self.loaded is None:
+            from sparsecc.calibration import machine_model
+
+            self.loaded = machine_model(self.settings)
+        return self.loaded
+
+
+def choose_format(w: WeightSparsity, settings: Settings,
+                  machine: MachineModel | Callable[[], MachineModel] | None = None) -> FormatChoice:
+    def dense(reason: str, predictions: dict | None = None) -> FormatChoice:
+        return FormatChoice(SparseFormat.DENSE, None, 1.0, reason, predictions or {})
 
     if w.dtype not in SPARSE_DTYPES:
         return dense(f"dtype {w.dtype} has no sparse kernel yet (supported: {', '.join(SPARSE_DTYPES)})")
@@ -50,31 +84,63 @@ def choose_format(w: WeightSparsity, settings: Settings) -> FormatChoice:
         return dense(f"{w.numel} elements < min_weight_numel {settings.min_weight_numel}")
     if w.nnz == 0 and allowed((1, 1), settings.formats):
         return FormatChoice(SparseFormat.CSR, None, 0.0, "all zeros")
-    candidates = {(1, 1): w.density / settings.csr_max_density if settings.csr_max_density else float("inf")}
-    for b in w.blocks:
-        if (b.rows, b.cols) in BSR_BREAK_EVEN:
-            candidates[(b.rows, b.cols)] = b.stored_density / BSR_BREAK_EVEN[(b.rows, b.cols)]
-    candidates = {b: e for b, e in candidates.items() if allowed(b, settings.formats)}
-    if not candidates:
-        return dense(f"formats={list(settings.formats)} allows no sparse format that fits this weight")
-    block, est = min(candidates.items(), key=lambda kv: (kv[1], kv[0] != (1, 1)))
-    others = ", ".join(f"{_name(b)} {e:.2f}x" for b, e in sorted(candidates.items(), key=lambda kv: kv[1]))
+    stored = {(1, 1): (w.nnz, w.imbalance)}
+    if settings.csr_max_density is not None and w.density > settings.csr_max_density:
+        stored.pop((1, 1))
+    csr_cap = CSR_BREAK_EVEN if settings.csr_max_density is None else settings.csr_max_density
+    stored.update({(b.rows, b.cols): (b.blocks, b.imbalance) for b in w.blocks})
+    stored = {b: v for b, v in stored.items() if allowed(b, settings.formats)}
+    forced = settings.formats is not None and "dense" not in settings.formats
+    if machine is None and settings.cost_model == "break-even":
+        limits = {**BSR_BREAK_EVEN, (1, 1): csr_cap}
+        relative = {b: (blocks / max(1, w.numel // (b[0] * b[1]))) / limits[b] if limits[b] else float("inf")
+                    for b, (blocks, _) in stored.items() if b in limits}
+        predictions: dict[str, float] = {}
+        timing = "time relative to dense: stored fraction over the measured break-even"
+    else:
+        relative, predictions, timing = _predict(w, stored, machine or _lazy_machine(settings, None))
+    if not relative:
+        allowing = f"formats={list(settings.formats)} allows" if settings.formats is not None else "there is"
+        return dense(f"{allowing} no sparse format that fits this weight", predictions)
+    others = ", ".join(f"{_name(b)} {t:.2f}x" for b, t in sorted(relative.items(), key=lambda kv: kv[1]))
     # N:M weights run on the same kernels: at 2:4's 50 % density no sparse kernel measured faster than dense here
     # (benchmarks/kernel_break_even.py), so the pattern only says why such a weight is, or is not, sparse.
     nm = w.nm_label()
     if nm is not None:
         others += f"; {nm} structured, run as its density allows"
-    forced = settings.formats is not None and "dense" not in settings.formats
+    eligible = {b: t for b, t in relative.items()
+                if forced or not predictions or stored[b][0] / max(1, w.numel // (b[0] * b[1])) <= MAX_STORED_DENSITY.get(b, 0.0)}
+    if not eligible:
+        return dense(f"density {w.density:.3f}: every sparse format would store more than its break-even fraction "
+                     f"(csr {MAX_STORED_DENSITY[(1, 1)]:.2f}; {timing}; {others})", predictions)
+    block, est = min(eligible.items(), key=lambda kv: (kv[1], kv[0] != (1, 1)))
     fmt = SparseFormat.CSR if block == (1, 1) else SparseFormat.BSR
+    chosen = None if block == (1, 1) else block
     if forced:
-        return FormatChoice(fmt, None if block == (1, 1) else block, est,
-                            f"density {w.density:.3f}: {_name(block)} forced by formats={list(settings.formats)}, "
-                            f"predicted at {est:.2f}x dense ({others})")
+        return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {_name(block)} forced by formats="
+                            f"{list(settings.formats)}, predicted at {est:.2f}x dense ({timing}; {others})", predictions)
     if est * settings.min_gain >= 1.0:
         wanted = "faster than dense" if settings.min_gain == 1.0 else f"{settings.min_gain:.2f}x faster than dense"
-        return dense(f"density {w.density:.3f}: no sparse format predicted {wanted} ({others})")
-    return FormatChoice(fmt, None if block == (1, 1) else block, est,
-                        f"density {w.density:.3f}: {_name(block)} predicted at {est:.2f}x dense ({others})")
+        return dense(f"density {w.density:.3f}: no sparse format predicted {wanted} ({timing}; {others})", predictions)
+    return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {_name(block)} predicted at {est:.2f}x dense "
+                        f"({timing}; {others})", predictions)
+
+
+def _predict(w: WeightSparsity, stored: dict, machine: MachineModel | Callable[[], MachineModel]):
+    """(time relative to dense per block shape, predicted microseconds per candidate, a note on the dense time)."""
+    model = machine() if callable(machine) else machine
+    n, k = w.matrix or w.shape
+    tokens = [u.tokens for u in w.uses if u.tokens > 0] or [UNKNOWN_TOKENS]
+    assumed = "" if any(u.tokens > 0 for u in w.uses) else f"; token count unknown, {UNKNOWN_TOKENS} assumed"
+    dense_s = sum(predict_dense(model, n, k, t, w.dtype) for t in tokens)
+    sparse_s = {}
+    for block, (blocks, spread) in stored.items():
+        times = [predict_sparse(model, n, k, t, block, blocks, spread, w.dtype) for t in tokens]
+        if all(t is not None for t in times):
+            sparse_s[block] = sum(times)
+    predictions = {"dense": round(dense_s * 1e6, 2), **{_name(b): round(t * 1e6, 2) for b, t in sparse_s.items()}}
+    timing = f"dense {dense_s * 1e6:.0f} us at {'+'.join(map(str, tokens))} tokens{assumed}"
+    return {b: t / dense_s for b, t in sparse_s.items()}, predictions, timing
 
 
 def allowed(block: tuple[int, int], formats: tuple[str, ...] | None) -> bool:

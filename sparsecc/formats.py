@@ -22,6 +22,8 @@ class BlockStats:
     cols: int
     blocks: int
     total_blocks: int
+    # The busiest thread's stored blocks over the mean when the kernel splits block-rows among threads (1.0: even).
+    imbalance: float = 1.0
 
     @property
     def stored_density(self) -> float:
@@ -36,6 +38,8 @@ class WeightUse:
     op: str
     operand: int
     node: str
+    # Rows the weight is applied to (tokens: batch x sequence for a Linear); 0 when the graph does not say.
+    tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,10 @@ class WeightSparsity:
     # N:M structure along the input dimension: (n, m) for each group size m in NM_GROUPS that divides it, n being
     # the most non-zeros any group of m consecutive inputs holds (2:4 means every group of 4 has at most 2).
     nm: tuple[tuple[int, int], ...] = ()
+    # (out, in): the weight as the kernel multiplies it (a right operand of x @ W is (in, out) in `shape`).
+    matrix: tuple[int, ...] = ()
+    # Like BlockStats.imbalance, for single non-zeros (CSR).
+    imbalance: float = 1.0
 
     def nm_label(self) -> str | None:
         """The tightest N:M pattern at least half sparse (n <= m / 2) that the weight satisfies, e.g. "2:4"."""
@@ -85,6 +93,8 @@ class FormatChoice:
     block: tuple[int, int] | None
     est_cost: float  # predicted time relative to the dense kernel (1.0 = same as dense)
     reason: str
+    # Predicted microseconds per candidate the cost model priced: "dense" (PyTorch), "csr", "bsr8x1", ...
+    predictions: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +103,8 @@ class SparsePlan:
 
     choices: Mapping[str, FormatChoice]
     weights: Mapping[str, WeightSparsity]
+    # The machine model the predictions come from (sparsecc/cost_model.py).
+    machine: str = ""
 
     def sparse_weights(self) -> list[str]:
         return [k for k, c in self.choices.items() if c.format is not SparseFormat.DENSE]
@@ -100,11 +112,12 @@ class SparsePlan:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "version": 1,
+                "version": 2,
+                "machine": self.machine,
                 "weights": {k: _weight_to_dict(w) for k, w in self.weights.items()},
                 "choices": {
                     k: {"format": c.format.value, "block": list(c.block) if c.block else None,
-                        "est_cost": c.est_cost, "reason": c.reason}
+                        "est_cost": c.est_cost, "reason": c.reason, "predictions": dict(c.predictions)}
                     for k, c in self.choices.items()
                 },
             },
@@ -118,10 +131,10 @@ class SparsePlan:
         weights = {k: _weight_from_dict(w) for k, w in data["weights"].items()}
         choices = {
             k: FormatChoice(SparseFormat(c["format"]), tuple(c["block"]) if c["block"] else None,
-                            float(c["est_cost"]), c["reason"])
+                            float(c["est_cost"]), c["reason"], c.get("predictions", {}))
             for k, c in data["choices"].items()
         }
-        return cls(choices=choices, weights=weights)
+        return cls(choices=choices, weights=weights, machine=data.get("machine", ""))
 
 
 def _weight_to_dict(w: WeightSparsity) -> dict[str, Any]:
@@ -138,5 +151,6 @@ def _weight_from_dict(d: dict[str, Any]) -> WeightSparsity:
         name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], nnz=int(d["nnz"]),
         source_layout=d["source_layout"], uses=tuple(WeightUse(**u) for u in d["uses"]),
         blocks=tuple(BlockStats(**b) for b in d.get("blocks", ())),
-        nm=tuple(tuple(p) for p in d.get("nm", ())),
+        nm=tuple(tuple(p) for p in d.get("nm", ())), matrix=tuple(d.get("matrix", ())),
+        imbalance=float(d.get("imbalance", 1.0)),
     )

@@ -105,9 +105,13 @@ class Settings:
 
     # What a failing stage does: fall back to the original graph with one warning, or raise.
     on_failure: Literal["fallback", "raise"] = "fallback"
-    # Density at which CSR costs as much as dense (the planner's CSR break-even): measured 0.42 at BERT shapes
-    # by benchmarks/kernel_break_even.py, times 0.75 for the slowdown inside a model.
-    csr_max_density: float = 0.3
+    # CSR only for weights at most this dense; None: 0.3 with cost_model="break-even" (the measured CSR break-even,
+    # 0.42 at BERT shapes, times 0.75 for the slowdown inside a model), no limit with "calibrated".
+    csr_max_density: float | None = None
+    # How the planner prices formats: "break-even" (stored fraction over each kernel's measured break-even density)
+    # or "calibrated" (sparsecc/cost_model.py: a model of this machine from a micro-benchmark run once per target and
+    # stored in the cache; predictions per candidate in the plan; not yet the default, see docs/benchmarks.md).
+    cost_model: Literal["break-even", "calibrated"] = "break-even"
     # Weights with fewer elements stay dense: the call overhead would eat the saving.
     min_weight_numel: int = 4096
     # Which ops go to TVM: "sparse" = sparse ops and the reshapes around them (dense work stays in PyTorch,
@@ -159,7 +163,7 @@ class Settings:
                 value = options[key] = os.fspath(value)
             _check_type(key, value, hints[key])
         settings = cls(**options)
-        if not 0.0 <= settings.csr_max_density <= 1.0:
+        if settings.csr_max_density is not None and not 0.0 <= settings.csr_max_density <= 1.0:
             raise OptionError(f"option 'csr_max_density' must be within [0, 1], got {settings.csr_max_density}.")
         if settings.target != "host":
             _check_target(settings.target)

@@ -59,3 +59,11 @@ def no_fallback():
     with warnings.catch_warnings():
         warnings.simplefilter("error", sparsecc.SparseccFallbackWarning)
         yield
+
+
+@pytest.fixture
+def reference_machine():
+    """The cost model's built-in figures: plans that do not depend on this machine's calibration."""
+    from sparsecc.cost_model import REFERENCE
+
+    return REFERENCE

@@ -1,6 +1,7 @@
 """The `sparsecc` command as a build pipeline runs it: a real process, exit codes, data on stdout, logs on stderr."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -38,6 +39,18 @@ def test_analyze_json_lists_each_weight_with_format_and_gain(program):
     assert rows["0.weight"]["format"] == "csr" and rows["0.weight"]["predicted_gain"] > 1
     assert rows["3.weight"]["format"] == "dense" and rows["3.weight"]["density"] == 1.0
     assert rows["0.weight"]["shape"] == [128, 256]
+
+
+def test_analyze_shows_each_candidates_prediction_with_the_calibrated_model(program):
+    done = sparsecc_cli("analyze", program, "--json", "-O", "cost_model=calibrated")
+    assert done.returncode == 0, done.stderr
+    rows = {r["weight"]: r for r in json.loads(done.stdout)["weights"]}
+    for row in rows.values():
+        assert row["predicted_us"]["dense"] > 0 and "csr" in row["predicted_us"], row
+    chosen = rows["0.weight"]
+    name = "dense" if chosen["format"] == "dense" else "csr" if chosen["format"] == "csr" else \
+        f"bsr{chosen['block'][0]}x{chosen['block'][1]}"
+    assert name in chosen["predicted_us"] and "us at 4 tokens" in chosen["reason"]
 
 
 def test_analyze_table_and_plot(program, tmp_path):
@@ -119,6 +132,13 @@ def test_export_mlir_writes_encoded_weights(program, tmp_path):
 
 
 def test_tune_fills_the_database_and_build_reuses_it(program, tmp_path, monkeypatch):
+    # The cost model's calibration of this machine is copied in: measuring it again in every subprocess is 30 s each.
+    from sparsecc.calibration import machine_model
+    from sparsecc.settings import Settings
+    from sparsecc.tuning_db import default_cache_dir
+
+    machine_model(Settings())
+    shutil.copytree(default_cache_dir() / "machines", tmp_path / "cache" / "machines")
     monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path / "cache"))
     first = sparsecc_cli("tune", program, "--trials", "2")
     assert first.returncode == 0, first.stderr

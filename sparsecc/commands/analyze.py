@@ -23,6 +23,7 @@ def rows(plan: Any) -> list[dict[str, Any]]:
             "weight": w.name, "shape": list(w.shape), "density": round(w.density, 6), "nm": w.nm_label(),
             "format": c.format.value, "block": list(c.block) if c.block else None,
             "predicted_gain": round(1.0 / c.est_cost, 3) if c.est_cost > 0 else None, "reason": c.reason,
+            "predicted_us": dict(c.predictions),  # per candidate, with -O cost_model=calibrated
         })
     return out
 

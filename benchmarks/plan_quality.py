@@ -1,0 +1,79 @@
+"""Cost model quality: for a varied set of layers (30-99 % sparse; unstructured, skewed rows and six block shapes;
+64 to 4096 features; 1 to 512 tokens), the format the planner picks against every candidate measured here: dense
+PyTorch and sparsecc's kernel in CSR and each block shape that fits. Targets (issue 4): the choice within 15 % of
+the fastest candidate for at least 90 % of layers, and never more than 5 % slower than dense.
+
+    python benchmarks/plan_quality.py                 # 60 layers, about 10 minutes on 2 cores
+    python benchmarks/plan_quality.py --layers 20 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+
+import torch
+
+import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
+from sparsecc.calibration import machine_model
+from sparsecc.codegen.targets import host_target
+from sparsecc.plan_quality import PATTERNS, Layer, judge
+from sparsecc.settings import Settings
+
+SIZES = (64, 256, 768, 1024, 3072, 4096)
+TOKENS = (1, 8, 32, 128, 512)
+SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+MAX_MACS = 1.0e9  # keeps one dense run under ~15 ms here, the whole benchmark near 10 minutes
+
+
+def layers(count: int, seed: int) -> list[Layer]:
+    rng = random.Random(seed)
+    out: list[Layer] = []
+    while len(out) < count:
+        n, k, t = rng.choice(SIZES), rng.choice(SIZES), rng.choice(TOKENS)
+        pattern = rng.choice(PATTERNS)
+        if pattern not in ("random", "skewed"):
+            r, c = (int(v) for v in pattern.split("x"))
+            if n % r or k % c:
+                continue
+        if n * k * t <= MAX_MACS:
+            out.append(Layer(n, k, t, rng.choice(SPARSITIES), pattern))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="timings per candidate (the fastest counts)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    threads = torch.get_num_threads()
+    machine = machine_model(Settings())
+    print(f"machine model: {machine.description}; {threads} threads; fastest of {args.rounds} medians per candidate")
+    print(f"{'layer':<32}{'chosen':>9}{'best':>9}{'dense us':>10}{'chosen us':>11}{'best us':>9}"
+          f"{'vs best':>9}{'vs dense':>9}{'pred/meas':>10}")
+    verdicts = []
+    for layer in layers(args.layers, args.seed):
+        v = judge([layer], machine, host_target(threads), threads, args.rounds)[0]
+        verdicts.append(v)
+        error = v.predicted[v.chosen] / v.measured[v.chosen]
+        print(f"{layer.name:<32}{v.chosen:>9}{v.best:>9}{v.measured['dense'] * 1e6:>10.0f}"
+              f"{v.measured[v.chosen] * 1e6:>11.0f}{v.measured[v.best] * 1e6:>9.0f}{v.vs_best:>9.2f}"
+              f"{v.vs_dense:>9.2f}{error:>10.2f}", flush=True)
+    within = sum(v.vs_best <= 1.15 for v in verdicts)
+    slower = [v for v in verdicts if v.vs_dense > 1.05]
+    errors = [abs(p / v.measured[c] - 1) for v in verdicts for c, p in v.predicted.items()]
+    print(f"\nchosen within 15 % of the fastest: {within}/{len(verdicts)} ({within / len(verdicts):.0%}; target 90 %)")
+    print(f"chosen more than 5 % slower than dense: {len(slower)} (target 0)"
+          + "".join(f"\n  {v.layer.name}: {v.chosen} {v.vs_dense:.2f}x dense" for v in slower))
+    print(f"sparse picked on {sum(v.chosen != 'dense' for v in verdicts)} layers; dense fastest on "
+          f"{sum(v.best == 'dense' for v in verdicts)}")
+    print(f"prediction error over all candidates: median {statistics.median(errors):.0%}, "
+          f"90th percentile {sorted(errors)[int(0.9 * len(errors))]:.0%}")
+
+
+if __name__ == "__main__":
+    main()

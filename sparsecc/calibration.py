@@ -1,0 +1,296 @@
+"""The cost model's micro-benchmark: measures this machine once per target and thread count, fits the machine model
+(sparsecc/cost_model.py) and stores it in the cache (`<cache dir>/machines/`), where later compiles find it.
+
+What it measures (about 15 s on 2 cores):
+- read bandwidth for working sets from 256 KiB to 32 MiB (a PyTorch sum over a tensor of that size);
+- PyTorch's dense matmul at 1 to 256 tokens (its multiply-add rate) and on a tiny matrix (its call overhead);
+- sparsecc's sparse kernel for each block shape the planner can choose, on a few layers that exercise each term
+  of the model: 1 to 512 tokens, x^T inside and outside L2, two densities. Layers of one shape share one kernel,
+  so each (shape, tokens, block) is built once and timed at both densities.
+The fit is a least-squares fit with non-negative coefficients of relative error, so small layers weigh as much as
+big ones.
+
+    python -m sparsecc.calibration            # calibrate (again) and print the model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import sparsecc
+from sparsecc.codegen.kernels.bsr import TEMPLATE_VERSION
+from sparsecc.cost_model import (MODEL_VERSION, REFERENCE, BlockCoefficients, MachineModel, block_key,
+                                 predict_dense, predict_sparse, sparse_work)
+from sparsecc.progress import progress_bar
+from sparsecc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Block shapes the planner chooses from (passes/analyze_weights.BLOCK_SHAPES) and CSR.
+BLOCKS = ((1, 1), (1, 4), (4, 1), (8, 1), (16, 1), (4, 4), (8, 8))
+# (out, in, tokens) of the calibration layers, and the densities of stored blocks each is timed at.
+LAYERS = ((512, 512, 1), (2048, 1024, 1), (512, 512, 8), (2048, 1024, 8), (512, 512, 32), (1024, 2048, 128),
+          (256, 2048, 128), (1024, 1024, 512))
+DENSITIES = (0.05, 0.3, 0.7)
+BANDWIDTH_SIZES = (1 << 18, 1 << 20, 1 << 22, 1 << 25)
+DENSE_TOKENS = (1, 4, 16, 64, 256)
+RUNS = 10
+ROUNDS = 2
+
+_memo: dict[str, MachineModel] = {}
+_lock = threading.Lock()
+
+
+def machine_key(target_text: str, threads: int) -> str:
+    parts = (target_text, threads, MODEL_VERSION, TEMPLATE_VERSION, sparsecc.__version__, torch.__version__)
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:20]
+
+
+def machine_model(settings: Settings) -> MachineModel:
+    """The calibrated model of the machine `settings` target, from memory, the cache, or a new calibration. Targets
+    that do not run here get the reference figures."""
+    from sparsecc.codegen.build import runs_here
+    from sparsecc.codegen.targets import parse_target, resolve_threads
+
+    threads = resolve_threads(settings.num_threads)
+    target = parse_target(settings.target, threads)
+    if not runs_here(target):
+        return REFERENCE
+    key = machine_key(str(target), threads)
+    with _lock:
+        if key in _memo:
+            return _memo[key]
+        from sparsecc.tuning_db import default_cache_dir
+
+        path = default_cache_dir(settings.cache_dir) / "machines" / f"{key}.json"
+        model = _read(path)
+        if model is None:
+            log.info("calibrating the cost model for %s with %d threads (once; stored in %s)", target, threads, path)
+            model = calibrate(target, threads)
+            _write(path, model)
+        _memo[key] = model
+        return model
+
+
+def _read(path: Path) -> MachineModel | None:
+    try:
+        return MachineModel.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("cost model: ignoring unreadable calibration %s (%s); measuring again", path, exc)
+        return None
+
+
+def _write(path: Path, model: MachineModel) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-")
+        with os.fdopen(fd, "w") as f:
+            f.write(model.to_json())
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache costs a calibration per process, nothing else
+        log.warning("cost model: could not store the calibration in %s: %s", path, exc)
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+def _median_seconds(fn: Callable[[], object], runs: int = RUNS) -> float:
+    fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure_dense(n: int, k: int, tokens: int, dtype: torch.dtype = torch.float32, runs: int = RUNS) -> float:
+    """Seconds for F.linear(x, W, b) in PyTorch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, k, generator=g, dtype=dtype)
+    w = torch.randn(n, k, generator=g, dtype=dtype)
+    b = torch.randn(n, generator=g, dtype=dtype)
+    with torch.no_grad():
+        return _median_seconds(lambda: torch.nn.functional.linear(x, w, b), runs)
+
+
+def measure_seconds_to_sum(size: int) -> float:
+    """Seconds to read `size` bytes (a sum over them): the read bandwidth of a working set of that size."""
+    t = torch.ones(size // 4)
+    return _median_seconds(lambda: t.sum())
+
+
+def random_blocked(n: int, k: int, block: tuple[int, int], density: float, seed: int = 0) -> torch.Tensor:
+    """An (n, k) weight where each r x c block is kept (fully non-zero) with probability `density`."""
+    r, c = block
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(n // r, k // c, generator=g) < density
+    mask = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return torch.randn(n, k, generator=g) * mask
+
+
+class KernelTimer:
+    """Builds sparsecc's kernel for a layer shape once and times it on weights of that shape."""
+
+    def __init__(self, target, threads: int):
+        from sparsecc.codegen.tuning import local_runner
+
+        self.runner = local_runner(target, threads)
+        self._built: dict = {}
+
+    def seconds(self, weight: torch.Tensor, tokens: int, block: tuple[int, int]) -> tuple[float, int]:
+        """(seconds, stored blocks) of the kernel on `weight`, checked against the eager reference."""
+        from sparsecc.codegen.tuning import KernelTask, spec_default
+
+        task = KernelTask.from_weight(weight, tokens, block)
+        if task.spec not in self._built:
+            self._built[task.spec] = self.runner.build(task.spec, spec_default(task.spec))
+        inputs = task.inputs()
+        us = self.runner.measure(task, inputs, task.reference(inputs), [self._built[task.spec]])[0]
+        if us is None:
+            raise RuntimeError(f"calibration: the {block_key(block)} kernel for {task.spec.name} failed")
+        return us * 1e-6, task.stored_blocks
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+# --------------------------------------------------------------------------------------------------- fitting
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with coefficients >= 0: refit without the columns that came out negative."""
+    active = np.ones(a.shape[1], dtype=bool)
+    x = np.zeros(a.shape[1])
+    for _ in range(a.shape[1]):
+        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        x[:] = 0
+        x[active] = sol
+        if (sol >= 0).all():
+            break
+        active[np.flatnonzero(active)[sol < 0]] = False
+    return np.clip(x, 0, None)
+
+
+SHARED = ("launch", "transpose", "output", "spill")
+FITTED = tuple(f.name for f in dataclasses.fields(BlockCoefficients))
+
+
+def fit_sparse(base: MachineModel, samples: list[tuple[int, int, int, tuple[int, int], int, float]]) -> MachineModel:
+    """Fit the kernel's coefficients to samples (n, k, tokens, block, stored blocks, seconds)."""
+    blocks = sorted({s[3] for s in samples})
+    cols = list(SHARED) + [f"{block_key(b)}.{f}" for b in blocks for f in FITTED]
+    a = np.zeros((len(samples), len(cols)))
+    rhs = np.zeros(len(samples))
+    for i, (n, k, tokens, block, stored, seconds) in enumerate(samples):
+        w = sparse_work(base, n, k, tokens, block, stored)
+        row = dict(launch=w.launches, transpose=w.transposed, output=w.outputs, spill=w.spills)
+        row[f"{block_key(block)}.per_visit"] = w.visits
+        row[f"{block_key(block)}.per_vector_fma"] = w.vector_fmas
+        row[f"{block_key(block)}.per_dense_visit"] = w.dense_visits
+        row[f"{block_key(block)}.per_scalar_visit"] = w.scalar_visits
+        a[i] = [row.get(c, 0.0) for c in cols]
+        rhs[i] = max(seconds - w.stream_seconds, 0.0)
+        a[i] /= seconds  # relative error
+        rhs[i] /= seconds
+    x = dict(zip(cols, _nnls(a, rhs)))
+    coeffs = {block_key(b): BlockCoefficients(**{f: x[f"{block_key(b)}.{f}"] for f in FITTED}) for b in blocks}
+    return dataclasses.replace(base, launch=x["launch"], transpose=x["transpose"], output=x["output"],
+                               spill=x["spill"], blocks=coeffs)
+
+
+def _cache_bytes(level: int, default: int) -> int:
+    try:
+        text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{level}/size").read_text().strip()
+        return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        return default
+
+
+def _lanes(target) -> int:
+    from sparsecc.codegen.targets import cpu_features
+
+    features = set(cpu_features(target))
+    if "avx512f" in features:
+        return 16
+    if "avx" in features or "avx2" in features:
+        return 8
+    return 4  # SSE, NEON
+
+
+def calibrate(target, threads: int, progress: bool = True) -> MachineModel:
+    start = time.perf_counter()
+    steps = len(BANDWIDTH_SIZES) + len(DENSE_TOKENS) + 1 + len(BLOCKS) * len(LAYERS)
+    update, close = progress_bar(ROUNDS * steps, "sparsecc calibrate", "step") if progress else (
+        lambda n, s: None, lambda: None)
+    # Every figure is the fastest of ROUNDS rounds: load from other processes only ever adds time, and it must not
+    # tilt the comparison of dense and sparse figures measured seconds apart.
+    best: dict[tuple, float] = {}
+
+    def keep(key: tuple, seconds: float) -> None:
+        best[key] = min(seconds, best.get(key, float("inf")))
+
+    timer = KernelTimer(target, threads)
+    stored: dict[tuple, int] = {}
+    try:
+        for _ in range(ROUNDS):
+            for size in BANDWIDTH_SIZES:
+                keep(("bandwidth", size), measure_seconds_to_sum(size))
+                update(1, "bandwidth")
+            keep(("overhead",), measure_dense(8, 8, 1))
+            update(1, "dense")
+            for tokens in DENSE_TOKENS:
+                keep(("dense", tokens), measure_dense(1024, 1024, tokens))
+                update(1, "dense")
+            for block in BLOCKS:
+                for n, k, tokens in LAYERS:
+                    for i, density in enumerate(DENSITIES):
+                        key = (n, k, tokens, block, density)
+                        seconds, stored[key] = timer.seconds(random_blocked(n, k, block, density, i), tokens, block)
+                        keep(key, seconds)
+                    update(1, block_key(block))
+    finally:
+        timer.close()
+        close()
+    overhead = best[("overhead",)]
+    base = dataclasses.replace(
+        REFERENCE, description=f"{target} ({threads} threads)", calibrated=True, threads=threads,
+        lanes=_lanes(target), l2_bytes=_cache_bytes(2, 1 << 20),
+        bandwidth=tuple((size, size / best[("bandwidth", size)]) for size in BANDWIDTH_SIZES),
+        dense_rate=tuple((t, 1024 * 1024 * t / max(best[("dense", t)] - overhead, 1e-9)) for t in DENSE_TOKENS),
+        dense_overhead=overhead)
+    samples = [(n, k, tokens, block, stored[key], best[key]) for key in stored for n, k, tokens, block, _ in [key]]
+    model = fit_sparse(base, samples)
+    errors = [abs(predict_sparse(model, n, k, t, b, s) / sec - 1) for n, k, t, b, s, sec in samples]
+    log.info("cost model calibrated in %.1f s; sparse kernel fit: median error %.0f %%, worst %.0f %%",
+             time.perf_counter() - start, 100 * statistics.median(errors), 100 * max(errors))
+    return model
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from sparsecc.codegen.targets import host_target
+
+    threads = torch.get_num_threads()
+    target = host_target(threads)
+    model = calibrate(target, threads)
+    print(model.to_json())
+    for n, k in ((768, 768), (3072, 768), (768, 3072)):
+        for tokens in (1, 128):
+            print(f"{n}x{k} x {tokens} tokens: dense {predict_dense(model, n, k, tokens) * 1e6:.0f} us")
+
+
+if __name__ == "__main__":
+    main()

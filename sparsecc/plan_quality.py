@@ -1,0 +1,98 @@
+"""How good the planner's choices are: for a layer, the format the planner picks against every candidate measured.
+Used by benchmarks/plan_quality.py (the large set) and tests/test_cost_model.py (a small one)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import torch
+
+from sparsecc.calibration import KernelTimer, measure_dense, random_blocked
+from sparsecc.cost_model import MachineModel
+from sparsecc.formats import SparseFormat, WeightSparsity, WeightUse
+from sparsecc.passes.analyze_weights import block_stats, imbalance, nm_stats
+from sparsecc.passes.plan_formats import choose_format
+from sparsecc.settings import Settings
+
+PATTERNS = ("random", "skewed", "1x4", "4x1", "8x1", "16x1", "4x4", "8x8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    out_features: int
+    in_features: int
+    tokens: int
+    sparsity: float
+    pattern: str  # "random" (unstructured), "skewed" (row density falling from 2x the mean to 0), or "RxC" blocks
+
+    @property
+    def name(self) -> str:
+        return f"{self.out_features}x{self.in_features} t{self.tokens} {self.sparsity:.0%} {self.pattern}"
+
+
+def make_weight(layer: Layer, seed: int = 0) -> torch.Tensor:
+    n, k, density = layer.out_features, layer.in_features, 1.0 - layer.sparsity
+    g = torch.Generator().manual_seed(seed)
+    if layer.pattern == "random":
+        return torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < density)
+    if layer.pattern == "skewed":
+        row_density = (2 * density * torch.linspace(1, 0, n)).clamp(max=1.0).unsqueeze(1)
+        return torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < row_density)
+    r, c = (int(v) for v in layer.pattern.split("x"))
+    return random_blocked(n, k, (r, c), density, seed)
+
+
+def weight_sparsity(weight: torch.Tensor, tokens: int, threads: int) -> WeightSparsity:
+    """What analysis records for `weight` used as nn.Linear's weight on `tokens` rows."""
+    return WeightSparsity("w", tuple(weight.shape), "float32", int(torch.count_nonzero(weight)), "strided",
+                          (WeightUse("aten.addmm.default", 2, "addmm", tokens),), block_stats(weight, threads),
+                          nm_stats(weight), tuple(weight.shape), imbalance((weight != 0).sum(dim=1), 1, threads))
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    layer: Layer
+    chosen: str  # "dense", "csr", "bsr8x1", ...
+    measured: dict  # candidate -> seconds (fastest of the rounds)
+    predicted: dict  # candidate -> seconds
+
+    @property
+    def best(self) -> str:
+        return min(self.measured, key=self.measured.get)
+
+    @property
+    def vs_best(self) -> float:
+        """Chosen time over the fastest candidate's (1.0: the planner found the fastest)."""
+        return self.measured[self.chosen] / self.measured[self.best]
+
+    @property
+    def vs_dense(self) -> float:
+        return self.measured[self.chosen] / self.measured["dense"]
+
+
+def judge(layers: Iterable[Layer], machine: MachineModel, target, threads: int, rounds: int = 2) -> list[Verdict]:
+    """Plan each layer, then measure dense and every sparse candidate the planner priced, `rounds` times each."""
+    settings = Settings(min_weight_numel=1, num_threads=threads)
+    timer = KernelTimer(target, threads)
+    verdicts = []
+    try:
+        for layer in layers:
+            weight = make_weight(layer)
+            choice = choose_format(weight_sparsity(weight, layer.tokens, threads), settings, machine)
+            chosen = ("dense" if choice.format is SparseFormat.DENSE else
+                      "csr" if choice.format is SparseFormat.CSR else f"bsr{choice.block[0]}x{choice.block[1]}")
+            measured: dict[str, float] = {}
+            for _ in range(rounds):
+                for name in choice.predictions:
+                    if name == "dense":
+                        seconds = measure_dense(weight.shape[0], weight.shape[1], layer.tokens)
+                    else:
+                        block = (1, 1) if name == "csr" else tuple(int(v) for v in name[3:].split("x"))
+                        seconds = timer.seconds(weight, layer.tokens, block)[0]
+                    measured[name] = min(seconds, measured.get(name, float("inf")))
+            verdicts.append(Verdict(layer, chosen, measured, {k: v * 1e-6 for k, v in choice.predictions.items()}))
+    finally:
+        timer.close()
+    return verdicts
+

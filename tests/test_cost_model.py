@@ -1,0 +1,135 @@
+import dataclasses
+import json
+import logging
+
+import pytest
+import torch
+
+from sparsecc import calibration
+from sparsecc.calibration import fit_sparse, machine_key, machine_model
+from sparsecc.codegen.targets import host_target
+from sparsecc.cost_model import REFERENCE, MachineModel, predict_dense, predict_sparse
+from sparsecc.formats import SparseFormat, SparsePlan
+from sparsecc.passes.plan_formats import choose_format
+from sparsecc.plan_quality import Layer, judge, make_weight, weight_sparsity
+from sparsecc.settings import Settings
+
+
+def test_predictions_grow_with_work():
+    m = REFERENCE
+    assert predict_dense(m, 1024, 1024, 128) > predict_dense(m, 1024, 1024, 8) > predict_dense(m, 256, 256, 8)
+    few, many = (predict_sparse(m, 1024, 1024, 128, (1, 1), nnz) for nnz in (10_000, 100_000))
+    assert many > few
+    skewed = predict_sparse(m, 1024, 1024, 128, (1, 1), 100_000, imbalance=1.8)
+    assert skewed > many
+    assert predict_sparse(m, 1024, 1024, 128, (3, 3), 100) is None  # no figures for that block shape
+
+
+def test_machine_model_json_round_trip():
+    assert MachineModel.from_json(REFERENCE.to_json()) == REFERENCE
+    with pytest.raises(ValueError, match="version"):
+        MachineModel.from_json(json.dumps({**json.loads(REFERENCE.to_json()), "version": 0}))
+
+
+def test_fit_recovers_the_coefficients_it_was_generated_with():
+    truth = dataclasses.replace(REFERENCE, launch=4e-6, transpose=2e-10, output=1e-9, spill=3e-10)
+    samples = [(n, k, t, b, int((n // b[0]) * (k // b[1]) * d), 0.0)
+               for b in calibration.BLOCKS for n, k, t in calibration.LAYERS for d in calibration.DENSITIES]
+    samples = [(n, k, t, b, s, predict_sparse(truth, n, k, t, b, s)) for n, k, t, b, s, _ in samples]
+    fitted = fit_sparse(REFERENCE, samples)
+    for n, k, t, b, s, seconds in samples:
+        assert predict_sparse(fitted, n, k, t, b, s) == pytest.approx(seconds, rel=1e-3)
+
+
+def test_plan_records_every_candidate_and_why(reference_machine):
+    w = weight_sparsity(make_weight(Layer(1024, 1024, 128, 0.97, "random")), 128, 2)
+    choice = choose_format(w, Settings(), reference_machine)
+    assert choice.format is SparseFormat.CSR
+    assert {"dense", "csr", "bsr8x1", "bsr4x4"} <= set(choice.predictions)
+    assert choice.predictions["csr"] < choice.predictions["dense"]
+    assert "csr predicted at" in choice.reason and "dense" in choice.reason and "128 tokens" in choice.reason
+    plan = SparsePlan({"w": choice}, {"w": w}, machine=reference_machine.description)
+    again = SparsePlan.from_json(plan.to_json())
+    assert again == plan and again.choices["w"].predictions == choice.predictions
+
+
+def test_dense_weight_stays_dense(reference_machine):
+    w = weight_sparsity(make_weight(Layer(768, 768, 128, 0.2, "random")), 128, 2)
+    choice = choose_format(w, Settings(), reference_machine)
+    assert choice.format is SparseFormat.DENSE and "dense" in choice.reason and "csr" in choice.predictions
+
+
+def test_block_structure_picks_a_block_format(reference_machine):
+    w = weight_sparsity(make_weight(Layer(768, 768, 128, 0.9, "8x1")), 128, 2)
+    choice = choose_format(w, Settings(), reference_machine)
+    assert choice.format is SparseFormat.BSR and choice.predictions[f"bsr{choice.block[0]}x{choice.block[1]}"] < \
+        choice.predictions["csr"]
+
+
+def test_skewed_rows_are_seen_by_analysis():
+    even = weight_sparsity(make_weight(Layer(512, 512, 1, 0.9, "random")), 1, 2)
+    skewed = weight_sparsity(make_weight(Layer(512, 512, 1, 0.9, "skewed")), 1, 2)
+    assert even.imbalance == pytest.approx(1.0, abs=0.05)
+    assert skewed.imbalance > 1.4  # rows fall from 2x the mean density to 0: the first thread has ~3/4 of them
+
+
+def test_calibrated_option_reaches_the_plan(reference_machine, monkeypatch):
+    monkeypatch.setattr(calibration, "machine_model", lambda settings: reference_machine)
+    w = weight_sparsity(make_weight(Layer(1024, 1024, 128, 0.97, "random")), 128, 2)
+    assert choose_format(w, Settings()).predictions == {}  # break-even rule: no predictions
+    calibrated = choose_format(w, Settings(cost_model="calibrated"))
+    assert "dense" in calibrated.predictions and "csr" in calibrated.predictions
+
+
+def test_a_target_that_cannot_run_here_uses_the_reference_figures():
+    assert machine_model(Settings(target="aarch64")) is REFERENCE
+
+
+def test_calibration_is_read_from_the_cache(tmp_path, monkeypatch):
+    settings = Settings(cache_dir=str(tmp_path))
+    target = host_target(torch.get_num_threads())
+    path = tmp_path / "machines" / f"{machine_key(str(target), torch.get_num_threads())}.json"
+    path.parent.mkdir()
+    stored = dataclasses.replace(REFERENCE, description="stored", calibrated=True)
+    path.write_text(stored.to_json())
+    monkeypatch.setattr(calibration, "_memo", {})
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
+    assert machine_model(settings) == stored
+
+
+def test_unreadable_calibration_is_measured_again(tmp_path, monkeypatch, caplog):
+    settings = Settings(cache_dir=str(tmp_path))
+    target = host_target(torch.get_num_threads())
+    path = tmp_path / "machines" / f"{machine_key(str(target), torch.get_num_threads())}.json"
+    path.parent.mkdir()
+    path.write_text("{not json")
+    fresh = dataclasses.replace(REFERENCE, description="fresh", calibrated=True)
+    monkeypatch.setattr(calibration, "_memo", {})
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: fresh)
+    with caplog.at_level(logging.WARNING, logger="sparsecc.calibration"):
+        assert machine_model(settings) == fresh
+    assert "unreadable calibration" in caplog.text
+    assert MachineModel.from_json(path.read_text()) == fresh
+
+
+# Layers where one side wins by a wide margin on this machine. The planner, on this machine's calibration, must never
+# pick a format slower than dense, and must go sparse where a sparse kernel measures at least twice as fast.
+# (Within 15 % of the fastest candidate is the benchmark's measure, benchmarks/plan_quality.py: not met yet.)
+CLEAR_LAYERS = [
+    Layer(1024, 1024, 128, 0.98, "random"),  # very sparse
+    Layer(1024, 1024, 128, 0.5, "random"),  # half dense
+    Layer(768, 768, 32, 0.95, "16x1"),  # blocks
+    Layer(64, 64, 8, 0.5, "random"),  # tiny: call overheads
+]
+
+
+def test_planner_choices_hold_up_when_measured():
+    threads = torch.get_num_threads()
+    machine = machine_model(Settings())
+    verdicts = judge(CLEAR_LAYERS, machine, host_target(threads), threads, rounds=3)
+    report = "\n".join(f"{v.layer.name}: chose {v.chosen} ({v.vs_best:.2f}x the fastest, {v.best}; "
+                       f"{v.vs_dense:.2f}x dense)" for v in verdicts)
+    assert all(v.vs_dense <= 1.05 for v in verdicts), report
+    for v in verdicts:
+        if v.measured[v.best] * 2 <= v.measured["dense"]:
+            assert v.chosen != "dense" and v.vs_dense <= 0.6, report
