@@ -50,29 +50,36 @@ def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
         positions = MATMUL_OPERANDS.get(node.target) if node.op == "call_function" else None
         for pos in positions or ():
             arg = node.args[pos] if pos < len(node.args) else None
-            if isinstance(arg, fx.Node) and constant_of(gm, arg) is not None:
-                uses.setdefault(arg, []).append(WeightUse(str(node.target), pos, node.name,
-                                                           _tokens(node, constant_of(gm, arg), pos)))
+            weight = constant_of(gm, arg) if isinstance(arg, fx.Node) else None
+            if weight is not None:
+                uses.setdefault(arg, []).append(WeightUse(str(node.target), pos, node.name, _tokens(node, weight, pos)))
                 right.setdefault(arg, (node.target, pos) in RIGHT_OPERANDS)
 
     threads = resolve_threads(settings.num_threads)
     for node, node_uses in uses.items():
         tensor = constant_of(gm, node)
-        matrix = (tensor.t() if right[node] else tensor) if tensor.dim() == 2 else None
-        node.meta[META_KEY] = WeightSparsity(
-            name=str(node.meta.get(ORIGIN, node.target)),
-            shape=tuple(tensor.shape),
-            dtype=str(tensor.dtype).removeprefix("torch."),
-            nnz=int(torch.count_nonzero(tensor)),
-            source_layout=node.meta.get(LAYOUT, "strided"),
-            uses=tuple(node_uses),
-            blocks=block_stats(matrix, threads) if matrix is not None else (),
-            nm=nm_stats(matrix) if matrix is not None else (),
-            matrix=tuple(matrix.shape) if matrix is not None else (),
-            imbalance=imbalance((matrix != 0).sum(dim=1), 1, threads) if matrix is not None else 1.0,
-        )
+        node.meta[META_KEY] = describe_weight(str(node.meta.get(ORIGIN, node.target)), tensor, right[node],
+                                              tuple(node_uses), node.meta.get(LAYOUT, "strided"), threads)
     log.debug("analysis: %d weights feed matrix products", len(uses))
     return gm
+
+
+def describe_weight(name: str, tensor: torch.Tensor, right: bool, uses: tuple[WeightUse, ...], source_layout: str,
+                    threads: int) -> WeightSparsity:
+    """What analysis records of one weight. `right`: the weight is stored (in, out), as x @ W takes it."""
+    matrix = (tensor.t() if right else tensor) if tensor.dim() == 2 else None
+    return WeightSparsity(
+        name=name,
+        shape=tuple(tensor.shape),
+        dtype=str(tensor.dtype).removeprefix("torch."),
+        nnz=int(torch.count_nonzero(tensor)),
+        source_layout=source_layout,
+        uses=uses,
+        blocks=block_stats(matrix, threads) if matrix is not None else (),
+        nm=nm_stats(matrix) if matrix is not None else (),
+        matrix=tuple(matrix.shape) if matrix is not None else (),
+        imbalance=imbalance((matrix != 0).sum(dim=1), 1, threads) if matrix is not None else 1.0,
+    )
 
 
 def block_stats(matrix: torch.Tensor, threads: int = 1) -> tuple[BlockStats, ...]:

@@ -17,7 +17,7 @@ from typing import Callable
 from torch import fx
 
 from sparsecc.cost_model import MachineModel, predict_dense, predict_sparse
-from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity
+from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity, candidate_name
 from sparsecc.passes.analyze_weights import analysed_weights
 from sparsecc.settings import Settings
 
@@ -42,7 +42,7 @@ UNKNOWN_TOKENS = 128
 
 def plan_formats(gm: fx.GraphModule, settings: Settings, machine: MachineModel | None = None) -> SparsePlan:
     weights = analysed_weights(gm)
-    model = _lazy_machine(settings, machine)
+    model = _LazyMachine(settings, machine)
     priced = model if machine is not None or settings.cost_model == "calibrated" else None
     choices = {name: choose_format(w, settings, priced) for name, w in weights.items()}
     n_sparse = sum(c.format is not SparseFormat.DENSE for c in choices.values())
@@ -53,7 +53,7 @@ def plan_formats(gm: fx.GraphModule, settings: Settings, machine: MachineModel |
     return SparsePlan(choices=choices, weights=weights, machine=described)
 
 
-class _lazy_machine:
+class _LazyMachine:
     """The machine model, calibrated (or read from the cache) only when a weight needs a prediction."""
 
     def __init__(self, settings: Settings, machine: MachineModel | None):
@@ -98,11 +98,11 @@ def choose_format(w: WeightSparsity, settings: Settings,
         predictions: dict[str, float] = {}
         timing = "time relative to dense: stored fraction over the measured break-even"
     else:
-        relative, predictions, timing = _predict(w, stored, machine or _lazy_machine(settings, None))
+        relative, predictions, timing = _predict(w, stored, machine or _LazyMachine(settings, None))
     if not relative:
         allowing = f"formats={list(settings.formats)} allows" if settings.formats is not None else "there is"
         return dense(f"{allowing} no sparse format that fits this weight", predictions)
-    others = ", ".join(f"{_name(b)} {t:.2f}x" for b, t in sorted(relative.items(), key=lambda kv: kv[1]))
+    others = ", ".join(f"{candidate_name(b)} {t:.2f}x" for b, t in sorted(relative.items(), key=lambda kv: kv[1]))
     # N:M weights run on the same kernels: at 2:4's 50 % density no sparse kernel measured faster than dense here
     # (benchmarks/kernel_break_even.py), so the pattern only says why such a weight is, or is not, sparse.
     nm = w.nm_label()
@@ -117,12 +117,12 @@ def choose_format(w: WeightSparsity, settings: Settings,
     fmt = SparseFormat.CSR if block == (1, 1) else SparseFormat.BSR
     chosen = None if block == (1, 1) else block
     if forced:
-        return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {_name(block)} forced by formats="
+        return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {candidate_name(block)} forced by formats="
                             f"{list(settings.formats)}, predicted at {est:.2f}x dense ({timing}; {others})", predictions)
     if est * settings.min_gain >= 1.0:
         wanted = "faster than dense" if settings.min_gain == 1.0 else f"{settings.min_gain:.2f}x faster than dense"
         return dense(f"density {w.density:.3f}: no sparse format predicted {wanted} ({timing}; {others})", predictions)
-    return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {_name(block)} predicted at {est:.2f}x dense "
+    return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {candidate_name(block)} predicted at {est:.2f}x dense "
                         f"({timing}; {others})", predictions)
 
 
@@ -138,7 +138,8 @@ def _predict(w: WeightSparsity, stored: dict, machine: MachineModel | Callable[[
         times = [predict_sparse(model, n, k, t, block, blocks, spread, w.dtype) for t in tokens]
         if all(t is not None for t in times):
             sparse_s[block] = sum(times)
-    predictions = {"dense": round(dense_s * 1e6, 2), **{_name(b): round(t * 1e6, 2) for b, t in sparse_s.items()}}
+    predictions = {"dense": round(dense_s * 1e6, 2),
+                   **{candidate_name(b): round(t * 1e6, 2) for b, t in sparse_s.items()}}
     timing = f"dense {dense_s * 1e6:.0f} us at {'+'.join(map(str, tokens))} tokens{assumed}"
     return {b: t / dense_s for b, t in sparse_s.items()}, predictions, timing
 
@@ -149,8 +150,4 @@ def allowed(block: tuple[int, int], formats: tuple[str, ...] | None) -> bool:
         return True
     if block == (1, 1):
         return "csr" in formats
-    return "bsr" in formats or _name(block) in formats
-
-
-def _name(block: tuple[int, int]) -> str:
-    return "csr" if block == (1, 1) else f"bsr{block[0]}x{block[1]}"
+    return "bsr" in formats or candidate_name(block) in formats

@@ -1,16 +1,16 @@
 """The cost model's micro-benchmark: measures this machine once per target and thread count, fits the machine model
 (sparsecc/cost_model.py) and stores it in the cache (`<cache dir>/machines/`), where later compiles find it.
 
-What it measures (about 15 s on 2 cores):
+What it measures (about 30 s on 2 cores; every figure the fastest of ROUNDS rounds):
 - read bandwidth for working sets from 256 KiB to 32 MiB (a PyTorch sum over a tensor of that size);
 - PyTorch's dense matmul at 1 to 256 tokens (its multiply-add rate) and on a tiny matrix (its call overhead);
 - sparsecc's sparse kernel for each block shape the planner can choose, on a few layers that exercise each term
-  of the model: 1 to 512 tokens, x^T inside and outside L2, two densities. Layers of one shape share one kernel,
-  so each (shape, tokens, block) is built once and timed at both densities.
+  of the model: 1 to 512 tokens, x^T inside and outside L2, three densities. Layers of one shape share one kernel,
+  so each (shape, tokens, block) is built once and timed at every density.
 The fit is a least-squares fit with non-negative coefficients of relative error, so small layers weigh as much as
 big ones.
 
-    python -m sparsecc.calibration            # calibrate (again) and print the model
+    python -m sparsecc.calibration            # calibrate again, store it in the cache and print it
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 
 import sparsecc
 from sparsecc.codegen.kernels.bsr import TEMPLATE_VERSION
-from sparsecc.cost_model import (MODEL_VERSION, REFERENCE, BlockCoefficients, MachineModel, block_key,
-                                 predict_dense, predict_sparse, sparse_work)
+from sparsecc.cost_model import (BLOCK_TERMS, MODEL_VERSION, REFERENCE, SHARED_TERMS, BlockCoefficients,
+                                 MachineModel, block_key, predict_dense, predict_sparse, sparse_work)
 from sparsecc.progress import progress_bar
 from sparsecc.settings import Settings
 
@@ -72,9 +72,7 @@ def machine_model(settings: Settings) -> MachineModel:
     with _lock:
         if key in _memo:
             return _memo[key]
-        from sparsecc.tuning_db import default_cache_dir
-
-        path = default_cache_dir(settings.cache_dir) / "machines" / f"{key}.json"
+        path = _cache_path(settings.cache_dir, key)
         model = _read(path)
         if model is None:
             log.info("calibrating the cost model for %s with %d threads (once; stored in %s)", target, threads, path)
@@ -82,6 +80,12 @@ def machine_model(settings: Settings) -> MachineModel:
             _write(path, model)
         _memo[key] = model
         return model
+
+
+def _cache_path(cache_dir: str | None, key: str) -> Path:
+    from sparsecc.tuning_db import default_cache_dir
+
+    return default_cache_dir(cache_dir) / "machines" / f"{key}.json"
 
 
 def _read(path: Path) -> MachineModel | None:
@@ -184,31 +188,23 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(x, 0, None)
 
 
-SHARED = ("launch", "transpose", "output", "spill")
-FITTED = tuple(f.name for f in dataclasses.fields(BlockCoefficients))
-
-
 def fit_sparse(base: MachineModel, samples: list[tuple[int, int, int, tuple[int, int], int, float]]) -> MachineModel:
     """Fit the kernel's coefficients to samples (n, k, tokens, block, stored blocks, seconds)."""
     blocks = sorted({s[3] for s in samples})
-    cols = list(SHARED) + [f"{block_key(b)}.{f}" for b in blocks for f in FITTED]
+    cols = list(SHARED_TERMS) + [f"{block_key(b)}.{f}" for b in blocks for f in BLOCK_TERMS]
     a = np.zeros((len(samples), len(cols)))
     rhs = np.zeros(len(samples))
     for i, (n, k, tokens, block, stored, seconds) in enumerate(samples):
         w = sparse_work(base, n, k, tokens, block, stored)
-        row = dict(launch=w.launches, transpose=w.transposed, output=w.outputs, spill=w.spills)
-        row[f"{block_key(block)}.per_visit"] = w.visits
-        row[f"{block_key(block)}.per_vector_fma"] = w.vector_fmas
-        row[f"{block_key(block)}.per_dense_visit"] = w.dense_visits
-        row[f"{block_key(block)}.per_scalar_visit"] = w.scalar_visits
+        row = {price: getattr(w, work) for price, work in SHARED_TERMS.items()}
+        row.update({f"{block_key(block)}.{price}": getattr(w, work) for price, work in BLOCK_TERMS.items()})
         a[i] = [row.get(c, 0.0) for c in cols]
         rhs[i] = max(seconds - w.stream_seconds, 0.0)
         a[i] /= seconds  # relative error
         rhs[i] /= seconds
     x = dict(zip(cols, _nnls(a, rhs)))
-    coeffs = {block_key(b): BlockCoefficients(**{f: x[f"{block_key(b)}.{f}"] for f in FITTED}) for b in blocks}
-    return dataclasses.replace(base, launch=x["launch"], transpose=x["transpose"], output=x["output"],
-                               spill=x["spill"], blocks=coeffs)
+    coeffs = {block_key(b): BlockCoefficients(**{f: x[f"{block_key(b)}.{f}"] for f in BLOCK_TERMS}) for b in blocks}
+    return dataclasses.replace(base, blocks=coeffs, **{price: x[price] for price in SHARED_TERMS})
 
 
 def _cache_bytes(level: int, default: int) -> int:
@@ -271,7 +267,7 @@ def calibrate(target, threads: int, progress: bool = True) -> MachineModel:
         bandwidth=tuple((size, size / best[("bandwidth", size)]) for size in BANDWIDTH_SIZES),
         dense_rate=tuple((t, 1024 * 1024 * t / max(best[("dense", t)] - overhead, 1e-9)) for t in DENSE_TOKENS),
         dense_overhead=overhead)
-    samples = [(n, k, tokens, block, stored[key], best[key]) for key in stored for n, k, tokens, block, _ in [key]]
+    samples = [(*key[:4], stored[key], best[key]) for key in stored]  # key: (n, k, tokens, block, density)
     model = fit_sparse(base, samples)
     errors = [abs(predict_sparse(model, n, k, t, b, s) / sec - 1) for n, k, t, b, s, sec in samples]
     log.info("cost model calibrated in %.1f s; sparse kernel fit: median error %.0f %%, worst %.0f %%",
@@ -286,7 +282,10 @@ def main() -> None:
     threads = torch.get_num_threads()
     target = host_target(threads)
     model = calibrate(target, threads)
-    print(model.to_json())
+    key = machine_key(str(target), threads)
+    _write(_cache_path(None, key), model)
+    _memo[key] = model
+    print(model.to_json())  # the command's output
     for n, k in ((768, 768), (3072, 768), (768, 3072)):
         for tokens in (1, 128):
             print(f"{n}x{k} x {tokens} tokens: dense {predict_dense(model, n, k, tokens) * 1e6:.0f} us")

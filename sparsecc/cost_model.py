@@ -26,7 +26,7 @@ import json
 import math
 from typing import Mapping, Sequence
 
-from sparsecc.codegen.kernels.bsr import default_knobs
+from sparsecc.codegen.kernels.bsr import default_knobs, elem_bytes
 
 # Version of the model's features: calibrations stored for another version are measured again.
 MODEL_VERSION = 3
@@ -89,10 +89,6 @@ def block_key(block: tuple[int, int]) -> str:
     return f"{block[0]}x{block[1]}"
 
 
-def elem_bytes(dtype: str) -> int:
-    return 8 if dtype == "float64" else 4
-
-
 def _interpolate(points: Sequence[tuple[int, float]], x: float) -> float:
     """Piecewise linear in log(x) between measured points, flat beyond them."""
     if x <= points[0][0]:
@@ -131,6 +127,13 @@ class SparseWork:
     stream_seconds: float  # reading the stored weight at the machine's bandwidth
 
 
+# Which coefficient prices which part of the work: MachineModel field (shared by block shapes) or BlockCoefficients
+# field -> SparseWork field. The prediction and the calibration's fit both go through these.
+SHARED_TERMS = {"launch": "launches", "transpose": "transposed", "output": "outputs", "spill": "spills"}
+BLOCK_TERMS = {"per_visit": "visits", "per_vector_fma": "vector_fmas", "per_dense_visit": "dense_visits",
+               "per_scalar_visit": "scalar_visits"}
+
+
 def sparse_work(machine: MachineModel, n: int, k: int, tokens: int, block: tuple[int, int], stored_blocks: int,
                 imbalance: float = 1.0, dtype: str = "float32") -> SparseWork:
     r, c = block
@@ -166,10 +169,9 @@ def predict_sparse(machine: MachineModel, n: int, k: int, tokens: int, block: tu
     if coeffs is None:
         return None
     w = sparse_work(machine, n, k, tokens, block, stored_blocks, imbalance, dtype)
-    return (w.launches * machine.launch + w.transposed * machine.transpose + w.outputs * machine.output
-            + w.visits * coeffs.per_visit + w.dense_visits * coeffs.per_dense_visit
-            + w.scalar_visits * coeffs.per_scalar_visit + w.vector_fmas * coeffs.per_vector_fma + w.spills * machine.spill
-            + w.stream_seconds)
+    shared = sum(getattr(w, work) * getattr(machine, price) for price, work in SHARED_TERMS.items())
+    per_block = sum(getattr(w, work) * getattr(coeffs, price) for price, work in BLOCK_TERMS.items())
+    return shared + per_block + w.stream_seconds
 
 
 # Figures of the project's 2-core AMD Zen 5 (AVX-512) machine, from `python -m sparsecc.calibration`, used where no

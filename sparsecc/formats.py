@@ -87,6 +87,16 @@ class WeightSparsity:
         return self.nnz / self.numel if self.numel else 1.0
 
 
+def candidate_name(block: tuple[int, int]) -> str:
+    """The name of a sparse candidate in options, plans and reports: "csr" for 1 x 1 blocks, else "bsrRxC"."""
+    return "csr" if tuple(block) == (1, 1) else f"bsr{block[0]}x{block[1]}"
+
+
+def candidate_block(name: str) -> tuple[int, int]:
+    """The inverse of `candidate_name`."""
+    return (1, 1) if name == "csr" else tuple(int(v) for v in name.removeprefix("bsr").split("x"))
+
+
 @dataclasses.dataclass(frozen=True)
 class FormatChoice:
     format: SparseFormat
@@ -95,6 +105,11 @@ class FormatChoice:
     reason: str
     # Predicted microseconds per candidate the cost model priced: "dense" (PyTorch), "csr", "bsr8x1", ...
     predictions: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def candidate(self) -> str:
+        """"dense", "csr" or "bsrRxC": the key of the chosen format in `predictions`."""
+        return "dense" if self.format is SparseFormat.DENSE else candidate_name(self.block or (1, 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch
 
 from sparsecc.calibration import KernelTimer, measure_dense, random_blocked
 from sparsecc.cost_model import MachineModel
-from sparsecc.formats import SparseFormat, WeightSparsity, WeightUse
-from sparsecc.passes.analyze_weights import block_stats, imbalance, nm_stats
+from sparsecc.formats import WeightSparsity, WeightUse, candidate_block
+from sparsecc.passes.analyze_weights import describe_weight
 from sparsecc.passes.plan_formats import choose_format
 from sparsecc.settings import Settings
 
@@ -44,10 +44,9 @@ def make_weight(layer: Layer, seed: int = 0) -> torch.Tensor:
 
 
 def weight_sparsity(weight: torch.Tensor, tokens: int, threads: int) -> WeightSparsity:
-    """What analysis records for `weight` used as nn.Linear's weight on `tokens` rows."""
-    return WeightSparsity("w", tuple(weight.shape), "float32", int(torch.count_nonzero(weight)), "strided",
-                          (WeightUse("aten.addmm.default", 2, "addmm", tokens),), block_stats(weight, threads),
-                          nm_stats(weight), tuple(weight.shape), imbalance((weight != 0).sum(dim=1), 1, threads))
+    """What analysis records for `weight` (out, in) used as nn.Linear's weight on `tokens` rows."""
+    return describe_weight("w", weight, False, (WeightUse("aten.addmm.default", 2, "addmm", tokens),), "strided",
+                           threads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,18 +79,16 @@ def judge(layers: Iterable[Layer], machine: MachineModel, target, threads: int, 
         for layer in layers:
             weight = make_weight(layer)
             choice = choose_format(weight_sparsity(weight, layer.tokens, threads), settings, machine)
-            chosen = ("dense" if choice.format is SparseFormat.DENSE else
-                      "csr" if choice.format is SparseFormat.CSR else f"bsr{choice.block[0]}x{choice.block[1]}")
             measured: dict[str, float] = {}
             for _ in range(rounds):
                 for name in choice.predictions:
                     if name == "dense":
                         seconds = measure_dense(weight.shape[0], weight.shape[1], layer.tokens)
                     else:
-                        block = (1, 1) if name == "csr" else tuple(int(v) for v in name[3:].split("x"))
-                        seconds = timer.seconds(weight, layer.tokens, block)[0]
+                        seconds = timer.seconds(weight, layer.tokens, candidate_block(name))[0]
                     measured[name] = min(seconds, measured.get(name, float("inf")))
-            verdicts.append(Verdict(layer, chosen, measured, {k: v * 1e-6 for k, v in choice.predictions.items()}))
+            predicted = {k: v * 1e-6 for k, v in choice.predictions.items()}
+            verdicts.append(Verdict(layer, choice.candidate, measured, predicted))
     finally:
         timer.close()
     return verdicts

@@ -69,13 +69,13 @@ class KernelKnobs:
 
     def fits(self, block: tuple[int, int], dtype: str) -> bool:
         """Whether the accumulators stay on the stack (else LLVM stores them after every FMA)."""
-        return self.chains * block[0] * self.token_tile * _elem_bytes(dtype) < STACK_LIMIT_BYTES
+        return self.chains * block[0] * self.token_tile * elem_bytes(dtype) < STACK_LIMIT_BYTES
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _elem_bytes(dtype: str) -> int:
+def elem_bytes(dtype: str) -> int:
     return 8 if dtype == "float64" else 4
 
 
@@ -85,7 +85,7 @@ def default_knobs(m: int, n: int, k: int, block: tuple[int, int], dtype: str) ->
     r, _ = block
     chains = max(1, 4 // r)
     tile = TOKEN_TILE
-    while tile > 1 and chains * r * tile * _elem_bytes(dtype) >= STACK_LIMIT_BYTES:
+    while tile > 1 and chains * r * tile * elem_bytes(dtype) >= STACK_LIMIT_BYTES:
         tile //= 2
     return KernelKnobs(token_tile=tile, rows_per_task=ROWS_PER_TASK, token_outer=prefers_token_outer(k),
                        chains=chains)
@@ -181,7 +181,7 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
         R = T.match_buffer(res, res_shape, dtype)
         Y = T.match_buffer(y, (m, n), dtype)
         XT = T.alloc_buffer((m_outer, k, tile), dtype)
-        # In KB-column strips: reading a column of X touches one cache line per token, and at K = 3072 those
+        # In TRANSPOSE_STRIP-column strips: reading a column of X touches one cache line per token, and at K = 3072 those
         # lines all map to one L1 set; a strip uses each line it loads 16 times.
         for kb in T.parallel(k_strips):
             for mo in T.serial(m_outer):
