@@ -1,0 +1,56 @@
+"""sparsecc's sparse kernel alone (no torch.compile, no model): each (shape, tokens, block, density) built with
+the default knobs, checked against the eager reference and timed as the tuner times it (right after a PyTorch
+matmul), next to PyTorch's dense F.linear. Median of 3 timings, microseconds.
+
+    python benchmarks/kernel_alone.py
+    python benchmarks/kernel_alone.py --shapes 3072x768 --tokens 128 --densities 0.25 0.5 0.75 --blocks 1x1 8x8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+
+import torch
+
+import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
+from sparsecc.calibration import KernelTimer, measure_dense, random_blocked
+from sparsecc.codegen.targets import host_target
+
+
+def pair(text: str) -> tuple[int, int]:
+    a, b = text.split("x")
+    return int(a), int(b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", type=pair, default=[(3072, 768), (768, 3072), (768, 768)],
+                        help="out x in")
+    parser.add_argument("--tokens", nargs="+", type=int, default=[16, 128, 512])
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.02, 0.1],
+                        help="fraction of blocks kept")
+    parser.add_argument("--blocks", nargs="+", type=pair, default=[(1, 1)], help="r x c; 1x1 is CSR")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    threads = torch.get_num_threads()
+    timer = KernelTimer(host_target(threads), threads)
+    print(f"{threads} threads; median of 3 timings, us")
+    print(f"{'weight':<11}{'tokens':>7}{'block':>7}{'density':>9}{'kernel':>10}{'dense':>10}{'vs dense':>10}")
+    try:
+        for n, k in args.shapes:
+            for tokens in args.tokens:
+                dense = measure_dense(n, k, tokens) * 1e6
+                for block in args.blocks:
+                    for density in args.densities:
+                        weight = random_blocked(n, k, block, density)
+                        us = statistics.median(timer.seconds(weight, tokens, block)[0] for _ in range(3)) * 1e6
+                        print(f"{n}x{k:<6}{tokens:>7}{block[0]}x{block[1]:>5}{density:>9.0%}{us:>10.0f}{dense:>10.0f}"
+                              f"{dense / us:>9.2f}x", flush=True)
+    finally:
+        timer.close()
+
+
+if __name__ == "__main__":
+    main()
