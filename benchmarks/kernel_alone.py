@@ -46,7 +46,8 @@ def main() -> None:
                     for density in args.densities:
                         weight = random_blocked(n, k, block, density)
                         us = statistics.median(timer.seconds(weight, tokens, block)[0] for _ in range(3)) * 1e6
-                        print(f"{n}x{k:<6}{tokens:>7}{block[0]}x{block[1]:>5}{density:>9.0%}{us:>10.0f}{dense:>10.0f}"
+                        shape, shape_b = f"{n}x{k}", f"{block[0]}x{block[1]}"
+                        print(f"{shape:<11}{tokens:>7}{shape_b:>7}{density:>9.0%}{us:>10.0f}{dense:>10.0f}"
                               f"{dense / us:>9.2f}x", flush=True)
     finally:
         timer.close()
