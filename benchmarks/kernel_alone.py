@@ -4,6 +4,7 @@ matmul), next to PyTorch's dense F.linear. Median of 3 timings, microseconds.
 
     python benchmarks/kernel_alone.py
     python benchmarks/kernel_alone.py --shapes 3072x768 --tokens 128 --densities 0.25 0.5 0.75 --blocks 1x1 8x8
+    python benchmarks/kernel_alone.py --shapes 3072x768 --tokens 128 --activation gelu   # with a fused epilogue
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.calibration import KernelTimer, measure_dense, random_blocked
+from sparsecc.codegen.kernels.bsr import ACTIVATIONS
 from sparsecc.codegen.targets import host_target
 
 
@@ -32,11 +34,12 @@ def main() -> None:
     parser.add_argument("--densities", nargs="+", type=float, default=[0.02, 0.1],
                         help="fraction of blocks kept")
     parser.add_argument("--blocks", nargs="+", type=pair, default=[(1, 1)], help="r x c; 1x1 is CSR")
+    parser.add_argument("--activation", default="none", choices=ACTIVATIONS, help="fused epilogue")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     threads = torch.get_num_threads()
     timer = KernelTimer(host_target(threads), threads)
-    print(f"{threads} threads; median of 3 timings, us")
+    print(f"{threads} threads; activation {args.activation}; median of 3 timings, us")
     print(f"{'weight':<11}{'tokens':>7}{'block':>7}{'density':>9}{'kernel':>10}{'dense':>10}{'vs dense':>10}")
     try:
         for n, k in args.shapes:
@@ -45,7 +48,7 @@ def main() -> None:
                 for block in args.blocks:
                     for density in args.densities:
                         weight = random_blocked(n, k, block, density)
-                        us = statistics.median(timer.seconds(weight, tokens, block)[0] for _ in range(3)) * 1e6
+                        us = statistics.median(timer.seconds(weight, tokens, block, args.activation)[0] for _ in range(3)) * 1e6
                         shape, shape_b = f"{n}x{k}", f"{block[0]}x{block[1]}"
                         print(f"{shape:<11}{tokens:>7}{shape_b:>7}{density:>9.0%}{us:>10.0f}{dense:>10.0f}"
                               f"{dense / us:>9.2f}x", flush=True)

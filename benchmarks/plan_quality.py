@@ -4,12 +4,14 @@ PyTorch and sparsecc's kernel in CSR and each block shape that fits. Targets (is
 the fastest candidate for at least 90 % of layers, and never more than 5 % slower than dense.
 
     python benchmarks/plan_quality.py                 # 60 layers, about 10 minutes on 2 cores
-    python benchmarks/plan_quality.py --layers 20 --seed 1
+    python benchmarks/plan_quality.py --layers 20 --seed 1 --json out.json   # also every measurement, as JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import random
 import statistics
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timings per candidate (the fastest counts)")
+    parser.add_argument("--json", help="write every layer's measured and predicted seconds per candidate here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     threads = torch.get_num_threads()
@@ -63,6 +66,10 @@ def main() -> None:
         print(f"{layer.name:<32}{v.chosen:>9}{v.best:>9}{v.measured['dense'] * 1e6:>10.0f}"
               f"{v.measured[v.chosen] * 1e6:>11.0f}{v.measured[v.best] * 1e6:>9.0f}{v.vs_best:>9.2f}"
               f"{v.vs_dense:>9.2f}{error:>10.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"layer": dataclasses.asdict(v.layer), "chosen": v.chosen, "measured": v.measured,
+                        "predicted": v.predicted} for v in verdicts], f, indent=1)
     within = sum(v.vs_best <= 1.15 for v in verdicts)
     slower = [v for v in verdicts if v.vs_dense > 1.05]
     errors = [abs(p / v.measured[c] - 1) for v in verdicts for c, p in v.predicted.items()]

@@ -155,11 +155,12 @@ class KernelTimer:
         self.runner = local_runner(target, threads)
         self._built: dict = {}
 
-    def seconds(self, weight: torch.Tensor, tokens: int, block: tuple[int, int]) -> tuple[float, int]:
+    def seconds(self, weight: torch.Tensor, tokens: int, block: tuple[int, int],
+                activation: str = "none") -> tuple[float, int]:
         """(seconds, stored blocks) of the kernel on `weight`, checked against the eager reference."""
         from sparsecc.codegen.tuning import KernelTask, spec_default
 
-        task = KernelTask.from_weight(weight, tokens, block)
+        task = KernelTask.from_weight(weight, tokens, block, activation=activation)
         if task.spec not in self._built:
             self._built[task.spec] = self.runner.build(task.spec, spec_default(task.spec))
         inputs = task.inputs()
