@@ -50,17 +50,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timings per candidate (the fastest counts)")
+    parser.add_argument("--cost-model", default="measured", choices=("calibrated", "measured"),
+                        help="the planner judged (default: %(default)s)")
     parser.add_argument("--json", help="write every layer's measured and predicted seconds per candidate here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     threads = torch.get_num_threads()
     machine = machine_model(Settings())
-    print(f"machine model: {machine.description}; {threads} threads; fastest of {args.rounds} medians per candidate")
+    print(f"planner: cost_model={args.cost_model}; machine model: {machine.description}; {threads} threads; "
+          f"fastest of {args.rounds} medians per candidate")
     print(f"{'layer':<32}{'chosen':>9}{'best':>9}{'dense us':>10}{'chosen us':>11}{'best us':>9}"
           f"{'vs best':>9}{'vs dense':>9}{'pred/meas':>10}")
     verdicts = []
     for layer in layers(args.layers, args.seed):
-        v = judge([layer], machine, host_target(threads), threads, args.rounds)[0]
+        v = judge([layer], machine, host_target(threads), threads, args.rounds, args.cost_model)[0]
         verdicts.append(v)
         error = v.predicted[v.chosen] / v.measured[v.chosen]
         print(f"{layer.name:<32}{v.chosen:>9}{v.best:>9}{v.measured['dense'] * 1e6:>10.0f}"

@@ -130,6 +130,13 @@ def nm_stats(matrix: torch.Tensor) -> tuple[tuple[int, int], ...]:
     return tuple((int((matrix != 0).reshape(n, k // m, m).sum(dim=2).max()), m) for m in NM_GROUPS if k % m == 0)
 
 
+def as_matrix(tensor: torch.Tensor, w: WeightSparsity) -> torch.Tensor:
+    """`tensor` as the kernel multiplies it, (out, in), oriented like analysis saw its first use."""
+    first = w.uses[0]
+    right = any(first.op == str(op) and first.operand == pos for op, pos in RIGHT_OPERANDS)
+    return tensor.t() if right else tensor
+
+
 def analysed_weights(gm: fx.GraphModule) -> dict[str, WeightSparsity]:
     """attribute name -> WeightSparsity, for every analysed constant, in graph order."""
     return {n.target: n.meta[META_KEY] for n in gm.graph.nodes if n.op == "get_attr" and META_KEY in n.meta}

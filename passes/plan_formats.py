@@ -5,8 +5,9 @@ machine model of the target (calibrated once per machine, sparsecc/calibration.p
 their token counts, and every candidate's prediction goes into the plan. The default, "break-even", prices a format
 by the fraction of the weight it stores over its measured break-even density, whatever the shape and token count:
 the calibrated model does not yet meet its quality target (docs/benchmarks.md, plan quality), and on models of the
-BERT kind the break-even rule picks the same formats. Either way the fastest wins, and a sparse format must beat
-dense by `min_gain`.
+BERT kind the break-even rule picks the same formats. With "measured" the calibrated model ranks the candidates
+and the close ones are timed on the weight itself (sparsecc/candidate_timing.py). Either way the fastest wins, and a
+sparse format must beat dense by `min_gain`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Callable
 from torch import fx
 
 from sparsecc.cost_model import MachineModel, predict_dense, predict_sparse
-from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity, candidate_name
-from sparsecc.passes.analyze_weights import analysed_weights
+from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity, candidate_block, candidate_name
+from sparsecc.passes.analyze_weights import analysed_weights, as_matrix
+from sparsecc.passes.graph_utils import constant_of
+from sparsecc.progress import progress_bar
 from sparsecc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,14 +46,49 @@ UNKNOWN_TOKENS = 128
 def plan_formats(gm: fx.GraphModule, settings: Settings, machine: MachineModel | None = None) -> SparsePlan:
     weights = analysed_weights(gm)
     model = _LazyMachine(settings, machine)
-    priced = model if machine is not None or settings.cost_model == "calibrated" else None
-    choices = {name: choose_format(w, settings, priced) for name, w in weights.items()}
+    priced = model if machine is not None or settings.cost_model != "break-even" else None
+    timer = _candidate_timer(settings) if settings.cost_model == "measured" else None
+    if timer is None:
+        choices = {name: choose_format(w, settings, priced) for name, w in weights.items()}
+    else:
+        tensors = {n.target: constant_of(gm, n) for n in gm.graph.nodes if n.target in weights}
+        update, close = progress_bar(len(weights), "sparsecc plan", "weight")
+        choices = {}
+        try:
+            for name, w in weights.items():
+                matrix = as_matrix(tensors[name], w)
+                tokens = _tokens(w)
+                choices[name] = choose_format(w, settings, priced,
+                                              lambda names, m=matrix, t=tokens: timer.seconds(m, t, names))
+                update(1, name)
+        finally:
+            close()
+            timer.close()
+        log.info("plan: timed %d candidates, %d more read from the tuning database", timer.timed, timer.reused)
     n_sparse = sum(c.format is not SparseFormat.DENSE for c in choices.values())
     log.info("plan: %d of %d weights sparse", n_sparse, len(choices))
     described = model.loaded.description if model.loaded is not None else ""
     if model.loaded is not None and not model.loaded.calibrated:
         log.warning("plan: the target %s cannot be measured here; predictions use %s", settings.target, described)
     return SparsePlan(choices=choices, weights=weights, machine=described)
+
+
+def _candidate_timer(settings: Settings):
+    """A CandidateTimer for the target, or None (with a log line) when the target cannot run here."""
+    from sparsecc.candidate_timing import CandidateTimer
+    from sparsecc.codegen.build import runs_here
+    from sparsecc.codegen.targets import parse_target, resolve_threads
+
+    threads = resolve_threads(settings.num_threads)
+    target = parse_target(settings.target, threads)
+    if not runs_here(target):
+        log.info("plan: target %s does not run here; choosing from predictions alone", settings.target)
+        return None
+    return CandidateTimer(settings, target, threads)
+
+
+def _tokens(w: WeightSparsity) -> list[int]:
+    return [u.tokens for u in w.uses if u.tokens > 0] or [UNKNOWN_TOKENS]
 
 
 class _LazyMachine:
@@ -69,9 +107,14 @@ class _LazyMachine:
 
 
 def choose_format(w: WeightSparsity, settings: Settings,
-                  machine: MachineModel | Callable[[], MachineModel] | None = None) -> FormatChoice:
+                  machine: MachineModel | Callable[[], MachineModel] | None = None,
+                  measure: Callable[[list[str]], dict[str, float]] | None = None) -> FormatChoice:
+    """`measure(candidates)` -> seconds per candidate, timed on this weight: when given, the predicted finalists
+    are timed and the measured times decide."""
+    measured: dict[str, float] = {}
+
     def dense(reason: str, predictions: dict | None = None) -> FormatChoice:
-        return FormatChoice(SparseFormat.DENSE, None, 1.0, reason, predictions or {})
+        return FormatChoice(SparseFormat.DENSE, None, 1.0, reason, predictions or {}, measured)
 
     if w.dtype not in SPARSE_DTYPES:
         return dense(f"dtype {w.dtype} has no sparse kernel yet (supported: {', '.join(SPARSE_DTYPES)})")
@@ -99,6 +142,13 @@ def choose_format(w: WeightSparsity, settings: Settings,
         timing = "time relative to dense: stored fraction over the measured break-even"
     else:
         relative, predictions, timing = _predict(w, stored, machine or _LazyMachine(settings, None))
+        if measure is not None and relative:
+            from sparsecc.candidate_timing import finalists
+
+            seconds = measure(finalists(predictions))
+            measured.update({name: round(t * 1e6, 2) for name, t in seconds.items()})
+            relative = {candidate_block(name): t / seconds["dense"] for name, t in seconds.items() if name != "dense"}
+            timing = f"measured here, dense {seconds['dense'] * 1e6:.0f} us; predicted {timing}"
     if not relative:
         allowing = f"formats={list(settings.formats)} allows" if settings.formats is not None else "there is"
         return dense(f"{allowing} no sparse format that fits this weight", predictions)
@@ -109,28 +159,30 @@ def choose_format(w: WeightSparsity, settings: Settings,
     if nm is not None:
         others += f"; {nm} structured, run as its density allows"
     eligible = {b: t for b, t in relative.items()
-                if forced or not predictions or stored[b][0] / max(1, w.numel // (b[0] * b[1])) <= MAX_STORED_DENSITY.get(b, 0.0)}
+                if forced or not predictions or measured or stored[b][0] / max(1, w.numel // (b[0] * b[1])) <= MAX_STORED_DENSITY.get(b, 0.0)}
     if not eligible:
         return dense(f"density {w.density:.3f}: every sparse format would store more than its break-even fraction "
                      f"(csr {MAX_STORED_DENSITY[(1, 1)]:.2f}; {timing}; {others})", predictions)
     block, est = min(eligible.items(), key=lambda kv: (kv[1], kv[0] != (1, 1)))
+    verb = "measured" if measured else "predicted"
     fmt = SparseFormat.CSR if block == (1, 1) else SparseFormat.BSR
     chosen = None if block == (1, 1) else block
     if forced:
         return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {candidate_name(block)} forced by formats="
-                            f"{list(settings.formats)}, predicted at {est:.2f}x dense ({timing}; {others})", predictions)
+                            f"{list(settings.formats)}, {verb} at {est:.2f}x dense ({timing}; {others})", predictions,
+                            measured)
     if est * settings.min_gain >= 1.0:
         wanted = "faster than dense" if settings.min_gain == 1.0 else f"{settings.min_gain:.2f}x faster than dense"
-        return dense(f"density {w.density:.3f}: no sparse format predicted {wanted} ({timing}; {others})", predictions)
-    return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {candidate_name(block)} predicted at {est:.2f}x dense "
-                        f"({timing}; {others})", predictions)
+        return dense(f"density {w.density:.3f}: no sparse format {verb} {wanted} ({timing}; {others})", predictions)
+    return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {candidate_name(block)} {verb} at {est:.2f}x dense "
+                        f"({timing}; {others})", predictions, measured)
 
 
 def _predict(w: WeightSparsity, stored: dict, machine: MachineModel | Callable[[], MachineModel]):
     """(time relative to dense per block shape, predicted microseconds per candidate, a note on the dense time)."""
     model = machine() if callable(machine) else machine
     n, k = w.matrix or w.shape
-    tokens = [u.tokens for u in w.uses if u.tokens > 0] or [UNKNOWN_TOKENS]
+    tokens = _tokens(w)
     assumed = "" if any(u.tokens > 0 for u in w.uses) else f"; token count unknown, {UNKNOWN_TOKENS} assumed"
     dense_s = sum(predict_dense(model, n, k, t, w.dtype) for t in tokens)
     sparse_s = {}

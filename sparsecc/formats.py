@@ -101,10 +101,12 @@ def candidate_block(name: str) -> tuple[int, int]:
 class FormatChoice:
     format: SparseFormat
     block: tuple[int, int] | None
-    est_cost: float  # predicted time relative to the dense kernel (1.0 = same as dense)
+    est_cost: float  # predicted (or measured) time relative to the dense kernel (1.0 = same as dense)
     reason: str
     # Predicted microseconds per candidate the cost model priced: "dense" (PyTorch), "csr", "bsr8x1", ...
     predictions: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # Measured microseconds of the candidates timed on the weight (cost_model="measured"); they decided.
+    measured: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def candidate(self) -> str:
@@ -127,12 +129,13 @@ class SparsePlan:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "version": 2,
+                "version": 3,
                 "machine": self.machine,
                 "weights": {k: _weight_to_dict(w) for k, w in self.weights.items()},
                 "choices": {
                     k: {"format": c.format.value, "block": list(c.block) if c.block else None,
-                        "est_cost": c.est_cost, "reason": c.reason, "predictions": dict(c.predictions)}
+                        "est_cost": c.est_cost, "reason": c.reason, "predictions": dict(c.predictions),
+                        "measured": dict(c.measured)}
                     for k, c in self.choices.items()
                 },
             },
@@ -146,7 +149,7 @@ class SparsePlan:
         weights = {k: _weight_from_dict(w) for k, w in data["weights"].items()}
         choices = {
             k: FormatChoice(SparseFormat(c["format"]), tuple(c["block"]) if c["block"] else None,
-                            float(c["est_cost"]), c["reason"], c.get("predictions", {}))
+                            float(c["est_cost"]), c["reason"], c.get("predictions", {}), c.get("measured", {}))
             for k, c in data["choices"].items()
         }
         return cls(choices=choices, weights=weights, machine=data.get("machine", ""))

@@ -4,11 +4,13 @@ Used by benchmarks/plan_quality.py (the large set) and tests/test_cost_model.py 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from typing import Iterable
 
 import torch
 
 from sparsecc.calibration import KernelTimer, measure_dense, random_blocked
+from sparsecc.candidate_timing import CandidateTimer
 from sparsecc.cost_model import MachineModel
 from sparsecc.formats import WeightSparsity, WeightUse, candidate_block
 from sparsecc.passes.analyze_weights import describe_weight
@@ -70,15 +72,29 @@ class Verdict:
         return self.measured[self.chosen] / self.measured["dense"]
 
 
-def judge(layers: Iterable[Layer], machine: MachineModel, target, threads: int, rounds: int = 2) -> list[Verdict]:
-    """Plan each layer, then measure dense and every sparse candidate the planner priced, `rounds` times each."""
-    settings = Settings(min_weight_numel=1, num_threads=threads)
+def judge(layers: Iterable[Layer], machine: MachineModel, target, threads: int, rounds: int = 2,
+          cost_model: str = "calibrated") -> list[Verdict]:
+    """Plan each layer with `cost_model` ("calibrated" or "measured"), then measure dense and every sparse candidate
+    the planner priced, `rounds` times each, apart from any timing the planner did."""
+    with tempfile.TemporaryDirectory(prefix="sparsecc-plan-quality-") as cache:
+        settings = Settings(min_weight_numel=1, num_threads=threads, cost_model=cost_model, cache_dir=cache)
+        planner_timer = CandidateTimer(settings, target, threads) if cost_model == "measured" else None
+        try:
+            return _judge(layers, settings, machine, target, threads, rounds, planner_timer)
+        finally:
+            if planner_timer is not None:
+                planner_timer.close()
+
+
+def _judge(layers, settings, machine, target, threads, rounds, planner_timer) -> list[Verdict]:
     timer = KernelTimer(target, threads)
     verdicts = []
     try:
         for layer in layers:
             weight = make_weight(layer)
-            choice = choose_format(weight_sparsity(weight, layer.tokens, threads), settings, machine)
+            measure = None if planner_timer is None else (
+                lambda names, w=weight, t=layer.tokens: planner_timer.seconds(w, [t], names))
+            choice = choose_format(weight_sparsity(weight, layer.tokens, threads), settings, machine, measure)
             measured: dict[str, float] = {}
             for _ in range(rounds):
                 for name in choice.predictions:

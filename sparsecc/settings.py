@@ -108,10 +108,12 @@ class Settings:
     # CSR only for weights at most this dense; None: 0.3 with cost_model="break-even" (the measured CSR break-even,
     # 0.42 at BERT shapes, times 0.75 for the slowdown inside a model), no limit with "calibrated".
     csr_max_density: float | None = None
-    # How the planner prices formats: "break-even" (stored fraction over each kernel's measured break-even density)
-    # or "calibrated" (sparsecc/cost_model.py: a model of this machine from a micro-benchmark run once per target and
-    # stored in the cache; predictions per candidate in the plan; not yet the default, see docs/benchmarks.md).
-    cost_model: Literal["break-even", "calibrated"] = "break-even"
+    # How the planner prices formats: "break-even" (stored fraction over each kernel's measured break-even density),
+    # "calibrated" (sparsecc/cost_model.py: a model of this machine from a micro-benchmark run once per target and
+    # stored in the cache; predictions per candidate in the plan) or "measured" (the calibrated model ranks the
+    # candidates and the close ones are timed on the weight, sparsecc/candidate_timing.py; needs a target that runs
+    # here, else predictions decide). See docs/benchmarks.md "Plan quality" for how often each picks the fastest.
+    cost_model: Literal["break-even", "calibrated", "measured"] = "break-even"
     # Weights with fewer elements stay dense: the call overhead would eat the saving.
     min_weight_numel: int = 4096
     # Which ops go to TVM: "sparse" = sparse ops and the reshapes around them (dense work stays in PyTorch,

@@ -67,3 +67,18 @@ def reference_machine():
     from sparsecc.cost_model import REFERENCE
 
     return REFERENCE
+
+
+@pytest.fixture
+def calibrated_cache_dir(tmp_path):
+    """An empty cache directory holding only this machine's cost-model calibration (measured once into the default
+    cache and copied: calibrating again costs 30 s per test or subprocess)."""
+    import shutil
+
+    from sparsecc.calibration import machine_model
+    from sparsecc.settings import Settings
+    from sparsecc.tuning_db import default_cache_dir
+
+    machine_model(Settings())
+    shutil.copytree(default_cache_dir() / "machines", tmp_path / "cache" / "machines")
+    return tmp_path / "cache"

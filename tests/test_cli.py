@@ -1,7 +1,6 @@
 """The `sparsecc` command as a build pipeline runs it: a real process, exit codes, data on stdout, logs on stderr."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -131,18 +130,11 @@ def test_export_mlir_writes_encoded_weights(program, tmp_path):
     assert text.count("#sparse") >= 2 and 'sparsecc.weight = "3.weight"' in text
 
 
-def test_tune_fills_the_database_and_build_reuses_it(program, tmp_path, monkeypatch):
-    # The cost model's calibration of this machine is copied in: measuring it again in every subprocess is 30 s each.
-    from sparsecc.calibration import machine_model
-    from sparsecc.settings import Settings
-    from sparsecc.tuning_db import default_cache_dir
-
-    machine_model(Settings())
-    shutil.copytree(default_cache_dir() / "machines", tmp_path / "cache" / "machines")
-    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(tmp_path / "cache"))
+def test_tune_fills_the_database_and_build_reuses_it(program, tmp_path, monkeypatch, calibrated_cache_dir):
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(calibrated_cache_dir))
     first = sparsecc_cli("tune", program, "--trials", "2")
     assert first.returncode == 0, first.stderr
-    assert "tuned" in first.stdout and (tmp_path / "cache" / "tuning.sqlite").is_file()
+    assert "tuned" in first.stdout and (calibrated_cache_dir / "tuning.sqlite").is_file()
     again = sparsecc_cli("tune", program, "--trials", "2")
     assert again.returncode == 0 and "0 measurements" in again.stdout and "database" in again.stdout
     built = sparsecc_cli("build", program, "-o", tmp_path / "art", "--tune", "2")

@@ -133,3 +133,69 @@ def test_planner_choices_hold_up_when_measured():
     for v in verdicts:
         if v.measured[v.best] * 2 <= v.measured["dense"]:
             assert v.chosen != "dense" and v.vs_dense <= 0.6, report
+
+
+# ------------------------------------------------------------------------------------ measured planning
+
+
+def test_finalists_always_include_dense_and_the_close_ones():
+    from sparsecc.candidate_timing import MAX_FINALISTS, finalists
+
+    predicted = {"dense": 100.0, "csr": 40.0, "bsr8x1": 30.0, "bsr16x1": 59.0, "bsr4x4": 61.0, "bsr1x4": 35.0}
+    chosen = finalists(predicted)
+    assert chosen[0] == "dense" and chosen[1:] == ["bsr8x1", "bsr1x4", "csr"][:MAX_FINALISTS]
+    assert "bsr4x4" not in chosen  # predicted more than twice the best
+    assert finalists({"dense": 5.0}) == ["dense"]
+
+
+def test_measured_times_decide_over_predictions(reference_machine):
+    w = weight_sparsity(make_weight(Layer(1024, 1024, 128, 0.97, "random")), 128, 2)
+    predicted = choose_format(w, Settings(cost_model="calibrated"), reference_machine)
+    assert predicted.candidate == "csr"
+    asked = []
+
+    def measure(names):  # a machine where CSR is slow and 8x1 blocks are fast
+        asked.append(names)
+        return {name: {"dense": 1e-3, "csr": 2e-3}.get(name, 4e-4) for name in names}
+
+    choice = choose_format(w, Settings(cost_model="measured"), reference_machine, measure)
+    assert asked and asked[0][0] == "dense" and "csr" in asked[0]
+    assert choice.format is SparseFormat.BSR and choice.est_cost == pytest.approx(0.4)
+    assert choice.measured["dense"] == 1000 and "measured at 0.40x dense" in choice.reason
+    again = SparsePlan.from_json(SparsePlan({"w": choice}, {"w": w}).to_json())
+    assert again.choices["w"].measured == choice.measured
+
+    slow = choose_format(w, Settings(cost_model="measured"), reference_machine,
+                         lambda names: {name: 1e-3 if name == "dense" else 2e-3 for name in names})
+    assert slow.format is SparseFormat.DENSE and "no sparse format measured faster than dense" in slow.reason
+
+
+def test_measured_plan_on_a_model_is_kept_in_the_tuning_database(calibrated_cache_dir, monkeypatch, no_fallback):
+    from conftest import CompileWatch, compile_sparsecc
+
+    from sparsecc import candidate_timing
+    from sparsecc.sparsify import prune_linears_
+    from sparsecc.tolerances import TOLERANCES
+
+    torch.manual_seed(0)
+    model = prune_linears_(torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                               torch.nn.Linear(512, 256)), 0.95).eval()
+    x = torch.randn(64, 256)
+    options = dict(cost_model="measured", cache_dir=str(calibrated_cache_dir), min_weight_numel=1)
+    with torch.no_grad(), CompileWatch() as watch:
+        torch.testing.assert_close(compile_sparsecc(model, **options)(x), model(x), **TOLERANCES[torch.float32])
+    plan = watch.graphs[0].state.plan
+    assert all(c.measured and "dense" in c.measured for c in plan.choices.values())
+    # 95 % zeros at 64 tokens: a sparse kernel measures faster than PyTorch's GEMM here, and it is what ran.
+    assert watch.sparse_ops == 2 and all(c.est_cost < 1 for c in plan.choices.values())
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again instead of reading the tuning database")
+
+    monkeypatch.setattr(candidate_timing.CandidateTimer, "_measure", no_timing)
+    torch._dynamo.reset()
+    with torch.no_grad(), CompileWatch() as again:
+        torch.testing.assert_close(compile_sparsecc(model, **options)(x), model(x), **TOLERANCES[torch.float32])
+    assert again.graphs[0].state.plan.choices.keys() == plan.choices.keys()
+    assert [c.candidate for c in again.graphs[0].state.plan.choices.values()] == \
+        [c.candidate for c in plan.choices.values()]

@@ -1,0 +1,129 @@
+"""Measured planning (`cost_model="measured"`): the calibrated cost model ranks a weight's candidates, and those it
+cannot tell apart are timed on the weight itself, here, before anything else is built.
+
+Why: the model's error (median 26 %, worst cases 3x, docs/benchmarks.md "Plan quality") is larger than the gaps
+between candidates that decide the choice, and on this kind of machine PyTorch's dense GEMM loses to a fully stored
+block kernel on some shapes, a case the model gets wrong. Timing a few kernels costs a second or two per layer
+shape; the results go into the tuning database (sparsecc/tuning_db.py) under the candidate's name, the weight's
+non-zero pattern and the token count, so a second compile of the same model times nothing.
+
+Which candidates: dense always (so the choice is never slower than dense by more than the noise), plus the sparse
+candidates predicted within FINALIST_RATIO of the best predicted one, at most MAX_FINALISTS of them, best first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Mapping, Sequence
+
+import torch
+
+import sparsecc
+from sparsecc.formats import candidate_block
+from sparsecc.settings import Settings
+from sparsecc.tuning_db import TuningDatabase, TuningKey, TuningRecord
+
+log = logging.getLogger(__name__)
+
+FINALIST_RATIO = 2.0
+MAX_FINALISTS = 3
+# Timings per candidate; the fastest counts.
+ROUNDS = 2
+# Template names of the planner's records in the tuning database: kept apart from the tuner's own rows.
+TEMPLATE_PREFIX = "plan-"
+
+
+def finalists(predicted: Mapping[str, float]) -> list[str]:
+    """Candidates to time, from predicted seconds per candidate ("dense", "csr", "bsr8x1", ...)."""
+    sparse = sorted((t, name) for name, t in predicted.items() if name != "dense")
+    if not sparse:
+        return ["dense"]
+    best = sparse[0][0]
+    return ["dense"] + [name for t, name in sparse[:MAX_FINALISTS] if t <= best * FINALIST_RATIO]
+
+
+def pattern_digest(matrix: torch.Tensor) -> str:
+    """Hash of where `matrix` is non-zero (values do not change a kernel's speed)."""
+    mask = (matrix != 0).contiguous().numpy()
+    h = hashlib.sha256(f"{tuple(matrix.shape)};".encode())
+    h.update(mask.tobytes())
+    return h.hexdigest()
+
+
+class CandidateTimer:
+    """Times candidates for weights of one compile on its target, with the tuning database as a cache."""
+
+    def __init__(self, settings: Settings, target, threads: int):
+        from sparsecc.codegen.kernels.bsr import TEMPLATE_VERSION
+
+        self.target = target
+        self.threads = threads
+        self.template_version = TEMPLATE_VERSION
+        try:
+            self.db: TuningDatabase | None = TuningDatabase.open_default(settings.cache_dir)
+        except Exception as exc:  # a read-only or broken cache costs measuring again, nothing else
+            log.warning("plan: tuning database unavailable (%s); measured choices will not be kept", exc)
+            self.db = None
+        self._timer = None
+        self.timed = 0
+        self.reused = 0
+
+    def seconds(self, matrix: torch.Tensor, tokens: Sequence[int], candidates: Sequence[str]) -> dict[str, float]:
+        """Measured seconds of each candidate for `matrix` (out, in) summed over its uses' token counts."""
+        digest = pattern_digest(matrix)
+        keys = {(name, t): self._key(matrix, digest, t, name) for name in candidates for t in tokens}
+        known: dict[tuple[str, int], float] = {}
+        for job, key in keys.items():
+            record = self._get(key)
+            if record is not None:
+                known[job] = record.best_us * 1e-6
+        self.reused += len(known)
+        jobs = [job for job in keys if job not in known]
+        # Rounds over all candidates, keeping each one's fastest: the load of a shared machine drifts over seconds,
+        # and interleaving keeps it from favouring whichever candidate was timed in a quiet moment.
+        timed = {job: float("inf") for job in jobs}
+        for _ in range(ROUNDS):
+            for job in jobs:
+                timed[job] = min(timed[job], self._measure(matrix, job[1], job[0]))
+        for job, seconds in timed.items():
+            self._put(TuningRecord(keys[job], {}, seconds * 1e6, seconds * 1e6, ROUNDS, True, "local"))
+        self.timed += len(timed)
+        known.update(timed)
+        return {name: sum(known[(name, t)] for t in tokens) for name in candidates}
+
+    def _key(self, matrix: torch.Tensor, digest: str, tokens: int, name: str) -> TuningKey:
+        import tvm
+
+        spec = {"out": int(matrix.shape[0]), "in": int(matrix.shape[1]), "tokens": int(tokens),
+                "dtype": str(matrix.dtype).removeprefix("torch.")}
+        return TuningKey(str(self.target), tvm.__version__, sparsecc.__version__, TEMPLATE_PREFIX + name,
+                         self.template_version, TuningKey.spec_json(spec), "any" if name == "dense" else digest)
+
+    def _measure(self, matrix: torch.Tensor, tokens: int, name: str) -> float:
+        from sparsecc.calibration import KernelTimer, measure_dense
+
+        if name == "dense":
+            return measure_dense(matrix.shape[0], matrix.shape[1], tokens, matrix.dtype)
+        if self._timer is None:
+            self._timer = KernelTimer(self.target, self.threads)
+        return self._timer.seconds(matrix, tokens, candidate_block(name))[0]
+
+    def _get(self, key: TuningKey) -> TuningRecord | None:
+        try:
+            return self.db.get(key) if self.db is not None else None
+        except Exception as exc:
+            log.warning("plan: cannot read the tuning database (%s); measuring", exc)
+            return None
+
+    def _put(self, record: TuningRecord) -> None:
+        try:
+            if self.db is not None:
+                self.db.put(record)
+        except Exception as exc:
+            log.warning("plan: cannot store a measured choice in the tuning database (%s)", exc)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
