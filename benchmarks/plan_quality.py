@@ -5,6 +5,10 @@ the fastest candidate for at least 90 % of layers, and never more than 5 % slowe
 
     python benchmarks/plan_quality.py                 # 60 layers, about 10 minutes on 2 cores
     python benchmarks/plan_quality.py --layers 20 --seed 1 --json out.json   # also every measurement, as JSON
+    python benchmarks/plan_quality.py --noise a.json b.json   # two runs of one layer set: the measurement's own noise
+
+`--noise` scores an oracle that picks each layer's fastest candidate by run A's measurements against run B's: the
+most any planner can score when judged by a measurement as noisy as this one.
 """
 
 from __future__ import annotations
@@ -53,7 +57,11 @@ def main() -> None:
     parser.add_argument("--cost-model", default="measured", choices=("calibrated", "measured"),
                         help="the planner judged (default: %(default)s)")
     parser.add_argument("--json", help="write every layer's measured and predicted seconds per candidate here")
+    parser.add_argument("--noise", nargs=2, metavar=("A", "B"), help="compare two --json runs instead of measuring")
     args = parser.parse_args()
+    if args.noise:
+        noise(*args.noise)
+        return
     logging.basicConfig(level=logging.WARNING)
     threads = torch.get_num_threads()
     machine = machine_model(Settings())
@@ -83,6 +91,22 @@ def main() -> None:
           f"{sum(v.best == 'dense' for v in verdicts)}")
     print(f"prediction error over all candidates: median {statistics.median(errors):.0%}, "
           f"90th percentile {sorted(errors)[int(0.9 * len(errors))]:.0%}")
+
+
+def noise(path_a: str, path_b: str) -> None:
+    with open(path_a) as fa, open(path_b) as fb:
+        runs = json.load(fa), json.load(fb)
+    if [d["layer"] for d in runs[0]] != [d["layer"] for d in runs[1]]:
+        raise SystemExit("the two runs measured different layers (use the same --layers and --seed)")
+    for first, second in (runs, runs[::-1]):
+        hits = 0
+        for da, db in zip(first, second):
+            common = set(da["measured"]) & set(db["measured"])
+            pick = min(common, key=da["measured"].get)
+            hits += db["measured"][pick] <= 1.15 * min(db["measured"][c] for c in common)
+        planner = sum(d["measured"][d["chosen"]] <= 1.15 * min(d["measured"].values()) for d in second)
+        print(f"fastest by one run, judged by the other: within 15 % on {hits}/{len(first)}; "
+              f"that run's planner: {planner}/{len(second)}")
 
 
 if __name__ == "__main__":
