@@ -111,7 +111,7 @@ def test_plan_json_round_trip(entries):
     plan = SparsePlan(choices=choices, weights=weights)
     text = plan.to_json()
     assert SparsePlan.from_json(text) == plan
-    assert json.loads(text)["version"] == 2
+    assert json.loads(text)["version"] == 3
 
 
 def block_pruned(n, k, block, density, seed=0):
