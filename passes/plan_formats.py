@@ -56,10 +56,8 @@ def plan_formats(gm: fx.GraphModule, settings: Settings, machine: MachineModel |
         choices = {}
         try:
             for name, w in weights.items():
-                matrix = as_matrix(tensors[name], w)
-                tokens = _tokens(w)
                 choices[name] = choose_format(w, settings, priced,
-                                              lambda names, m=matrix, t=tokens: timer.seconds(m, t, names))
+                                              _timing(timer, as_matrix(tensors[name], w), _tokens(w), w.name))
                 update(1, name)
         finally:
             close()
@@ -87,6 +85,17 @@ def _candidate_timer(settings: Settings):
     return CandidateTimer(settings, target, threads)
 
 
+def _timing(timer, matrix, tokens: list[int], label: str) -> Callable[[list[str]], dict[str, float] | None]:
+    def measure(names: list[str]) -> dict[str, float] | None:
+        try:
+            return timer.seconds(matrix, tokens, names)
+        except Exception as exc:  # a kernel that fails to build or run here: the predictions still stand
+            log.warning("plan: timing %s for %s failed (%s); choosing from predictions", ", ".join(names), label, exc)
+            return None
+
+    return measure
+
+
 def _tokens(w: WeightSparsity) -> list[int]:
     return [u.tokens for u in w.uses if u.tokens > 0] or [UNKNOWN_TOKENS]
 
@@ -108,9 +117,9 @@ class _LazyMachine:
 
 def choose_format(w: WeightSparsity, settings: Settings,
                   machine: MachineModel | Callable[[], MachineModel] | None = None,
-                  measure: Callable[[list[str]], dict[str, float]] | None = None) -> FormatChoice:
-    """`measure(candidates)` -> seconds per candidate, timed on this weight: when given, the predicted finalists
-    are timed and the measured times decide."""
+                  measure: Callable[[list[str]], dict[str, float] | None] | None = None) -> FormatChoice:
+    """`measure(candidates)` -> seconds per candidate, timed on this weight (None if timing failed): when given, the
+    predicted finalists are timed and the measured times decide."""
     measured: dict[str, float] = {}
 
     def dense(reason: str, predictions: dict | None = None) -> FormatChoice:
@@ -146,9 +155,11 @@ def choose_format(w: WeightSparsity, settings: Settings,
             from sparsecc.candidate_timing import finalists
 
             seconds = measure(finalists(predictions))
-            measured.update({name: round(t * 1e6, 2) for name, t in seconds.items()})
-            relative = {candidate_block(name): t / seconds["dense"] for name, t in seconds.items() if name != "dense"}
-            timing = f"measured here, dense {seconds['dense'] * 1e6:.0f} us; predicted {timing}"
+            if seconds:
+                measured.update({name: round(t * 1e6, 2) for name, t in seconds.items()})
+                relative = {candidate_block(name): t / seconds["dense"] for name, t in seconds.items()
+                            if name != "dense"}
+                timing = f"measured here, dense {seconds['dense'] * 1e6:.0f} us; predicted {timing}"
     if not relative:
         allowing = f"formats={list(settings.formats)} allows" if settings.formats is not None else "there is"
         return dense(f"{allowing} no sparse format that fits this weight", predictions)

@@ -199,3 +199,10 @@ def test_measured_plan_on_a_model_is_kept_in_the_tuning_database(calibrated_cach
     assert again.graphs[0].state.plan.choices.keys() == plan.choices.keys()
     assert [c.candidate for c in again.graphs[0].state.plan.choices.values()] == \
         [c.candidate for c in plan.choices.values()]
+
+
+def test_failed_timing_falls_back_to_predictions(reference_machine):
+    w = weight_sparsity(make_weight(Layer(1024, 1024, 128, 0.97, "random")), 128, 2)
+    choice = choose_format(w, Settings(cost_model="measured"), reference_machine, lambda names: None)
+    predicted = choose_format(w, Settings(cost_model="calibrated"), reference_machine)
+    assert choice == predicted and not choice.measured and "predicted at" in choice.reason
