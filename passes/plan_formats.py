@@ -51,7 +51,7 @@ def plan_formats(gm: fx.GraphModule, settings: Settings, machine: MachineModel |
     if timer is None:
         choices = {name: choose_format(w, settings, priced) for name, w in weights.items()}
     else:
-        tensors = {n.target: constant_of(gm, n) for n in gm.graph.nodes if n.target in weights}
+        tensors = {n.target: constant_of(gm, n) for n in gm.graph.nodes if n.op == "get_attr" and n.target in weights}
         update, close = progress_bar(len(weights), "sparsecc plan", "weight")
         choices = {}
         try:

@@ -46,6 +46,16 @@ def finalists(predicted: Mapping[str, float]) -> list[str]:
     return ["dense"] + [name for t, name in sparse[:MAX_FINALISTS] if t <= best * FINALIST_RATIO]
 
 
+def candidate_seconds(kernels, matrix: torch.Tensor, tokens: int, name: str) -> float:
+    """One timing of candidate `name` for `matrix` (out, in) at `tokens` rows: PyTorch's F.linear for "dense", else
+    sparsecc's kernel through `kernels` (a calibration.KernelTimer; unused for dense)."""
+    from sparsecc.calibration import measure_dense
+
+    if name == "dense":
+        return measure_dense(matrix.shape[0], matrix.shape[1], tokens, matrix.dtype)
+    return kernels.seconds(matrix, tokens, candidate_block(name))[0]
+
+
 def pattern_digest(matrix: torch.Tensor) -> str:
     """Hash of where `matrix` is non-zero (values do not change a kernel's speed)."""
     mask = (matrix != 0).contiguous().numpy()
@@ -55,9 +65,11 @@ def pattern_digest(matrix: torch.Tensor) -> str:
 
 
 class CandidateTimer:
-    """Times candidates for weights of one compile on its target, with the tuning database as a cache."""
+    """Times candidates for weights of one compile on its target, with the tuning database as a cache. `kernels`: a
+    calibration.KernelTimer to build and time kernels with (its built kernels shared with the caller, who closes
+    it); by default one of its own, made when first needed."""
 
-    def __init__(self, settings: Settings, target, threads: int):
+    def __init__(self, settings: Settings, target, threads: int, kernels=None):
         from sparsecc.codegen.kernels.bsr import TEMPLATE_VERSION
 
         self.target = target
@@ -68,7 +80,8 @@ class CandidateTimer:
         except Exception as exc:  # a read-only or broken cache costs measuring again, nothing else
             log.warning("plan: tuning database unavailable (%s); measured choices will not be kept", exc)
             self.db = None
-        self._timer = None
+        self._timer = kernels
+        self._owns_timer = kernels is None
         self.timed = 0
         self.reused = 0
 
@@ -85,15 +98,11 @@ class CandidateTimer:
         jobs = [job for job in keys if job not in known]
         # Rounds over all candidates, keeping each one's fastest: the load of a shared machine drifts over seconds,
         # and interleaving keeps it from favouring whichever candidate was timed in a quiet moment.
-        timed = {job: float("inf") for job in jobs}
-        rounds = ROUNDS
-        done = 0
-        while done < rounds:
+        timed = {job: self._measure(matrix, job[1], job[0]) for job in jobs}
+        rounds = SHORT_ROUNDS if jobs and max(timed.values()) < SHORT_SECONDS else ROUNDS
+        for _ in range(rounds - 1):
             for job in jobs:
                 timed[job] = min(timed[job], self._measure(matrix, job[1], job[0]))
-            done += 1
-            if done == 1 and jobs and max(timed.values()) < SHORT_SECONDS:
-                rounds = SHORT_ROUNDS
         for job, seconds in timed.items():
             self._put(TuningRecord(keys[job], {}, seconds * 1e6, seconds * 1e6, rounds, True, "local"))
         self.timed += len(timed)
@@ -109,13 +118,11 @@ class CandidateTimer:
                          self.template_version, TuningKey.spec_json(spec), "any" if name == "dense" else digest)
 
     def _measure(self, matrix: torch.Tensor, tokens: int, name: str) -> float:
-        from sparsecc.calibration import KernelTimer, measure_dense
+        from sparsecc.calibration import KernelTimer
 
-        if name == "dense":
-            return measure_dense(matrix.shape[0], matrix.shape[1], tokens, matrix.dtype)
-        if self._timer is None:
+        if name != "dense" and self._timer is None:
             self._timer = KernelTimer(self.target, self.threads)
-        return self._timer.seconds(matrix, tokens, candidate_block(name))[0]
+        return candidate_seconds(self._timer, matrix, tokens, name)
 
     def _get(self, key: TuningKey) -> TuningRecord | None:
         try:
@@ -132,6 +139,6 @@ class CandidateTimer:
             log.warning("plan: cannot store a measured choice in the tuning database (%s)", exc)
 
     def close(self) -> None:
-        if self._timer is not None:
+        if self._timer is not None and self._owns_timer:
             self._timer.close()
             self._timer = None

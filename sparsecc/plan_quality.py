@@ -9,10 +9,10 @@ from typing import Iterable
 
 import torch
 
-from sparsecc.calibration import KernelTimer, measure_dense, random_blocked
-from sparsecc.candidate_timing import CandidateTimer
+from sparsecc.calibration import KernelTimer, random_blocked
+from sparsecc.candidate_timing import CandidateTimer, candidate_seconds
 from sparsecc.cost_model import MachineModel
-from sparsecc.formats import WeightSparsity, WeightUse, candidate_block
+from sparsecc.formats import WeightSparsity, WeightUse
 from sparsecc.passes.analyze_weights import describe_weight
 from sparsecc.passes.plan_formats import choose_format
 from sparsecc.settings import Settings
@@ -76,36 +76,26 @@ def judge(layers: Iterable[Layer], machine: MachineModel, target, threads: int, 
           cost_model: str = "calibrated") -> list[Verdict]:
     """Plan each layer with `cost_model` ("calibrated" or "measured"), then measure dense and every sparse candidate
     the planner priced, `rounds` times each, apart from any timing the planner did."""
+    # The planner's kernels are built once and shared with the judge; its timings are not.
+    timer = KernelTimer(target, threads)
     with tempfile.TemporaryDirectory(prefix="sparsecc-plan-quality-") as cache:
         settings = Settings(min_weight_numel=1, num_threads=threads, cost_model=cost_model, cache_dir=cache)
-        planner_timer = CandidateTimer(settings, target, threads) if cost_model == "measured" else None
+        planner = CandidateTimer(settings, target, threads, timer) if cost_model == "measured" else None
+        verdicts = []
         try:
-            return _judge(layers, settings, machine, target, threads, rounds, planner_timer)
+            for layer in layers:
+                weight = make_weight(layer)
+                measure = None if planner is None else (
+                    lambda names, w=weight, t=layer.tokens: planner.seconds(w, [t], names))
+                choice = choose_format(weight_sparsity(weight, layer.tokens, threads), settings, machine, measure)
+                measured: dict[str, float] = {}
+                for _ in range(rounds):
+                    for name in choice.predictions:
+                        seconds = candidate_seconds(timer, weight, layer.tokens, name)
+                        measured[name] = min(seconds, measured.get(name, float("inf")))
+                predicted = {k: v * 1e-6 for k, v in choice.predictions.items()}
+                verdicts.append(Verdict(layer, choice.candidate, measured, predicted))
         finally:
-            if planner_timer is not None:
-                planner_timer.close()
-
-
-def _judge(layers, settings, machine, target, threads, rounds, planner_timer) -> list[Verdict]:
-    timer = KernelTimer(target, threads)
-    verdicts = []
-    try:
-        for layer in layers:
-            weight = make_weight(layer)
-            measure = None if planner_timer is None else (
-                lambda names, w=weight, t=layer.tokens: planner_timer.seconds(w, [t], names))
-            choice = choose_format(weight_sparsity(weight, layer.tokens, threads), settings, machine, measure)
-            measured: dict[str, float] = {}
-            for _ in range(rounds):
-                for name in choice.predictions:
-                    if name == "dense":
-                        seconds = measure_dense(weight.shape[0], weight.shape[1], layer.tokens)
-                    else:
-                        seconds = timer.seconds(weight, layer.tokens, candidate_block(name))[0]
-                    measured[name] = min(seconds, measured.get(name, float("inf")))
-            predicted = {k: v * 1e-6 for k, v in choice.predictions.items()}
-            verdicts.append(Verdict(layer, choice.candidate, measured, predicted))
-    finally:
-        timer.close()
+            timer.close()
     return verdicts
 
