@@ -151,7 +151,8 @@ def choose_format(w: WeightSparsity, settings: Settings,
         timing = "time relative to dense: stored fraction over the measured break-even"
     else:
         relative, predictions, timing = _predict(w, stored, machine or _LazyMachine(settings, None))
-        if measure is not None and relative:
+        # One forced format leaves nothing to choose between: timing it would only slow the compile.
+        if measure is not None and relative and not (forced and len(relative) == 1):
             from sparsecc.candidate_timing import finalists
 
             seconds = measure(finalists(predictions))

@@ -4,8 +4,14 @@ cannot tell apart are timed on the weight itself, here, before anything else is 
 Why: the model's error (median 26 %, worst cases 3x, docs/benchmarks.md "Plan quality") is larger than the gaps
 between candidates that decide the choice, and on this kind of machine PyTorch's dense GEMM loses to a fully stored
 block kernel on some shapes, a case the model gets wrong. Timing a few kernels costs a second or two per layer
-shape; the results go into the tuning database (sparsecc/tuning_db.py) under the candidate's name, the weight's
-non-zero pattern and the token count, so a second compile of the same model times nothing.
+shape; the results go into the tuning database (sparsecc/tuning_db.py) under the candidate's name, the token count
+and the work the weight gives that candidate (`work_signature`), so a second compile of the same model times nothing.
+
+Why the work and not the exact pattern: a kernel's time follows how many blocks it stores and how evenly its
+threads share them, not where they sit. Keyed by the exact non-zero mask, BERT-base's 72 Linears (12 copies of six,
+each pruned to the same density) took 447 timings and 23 s of a 31 s compile; keyed by work they take one timing
+per layer kind. Weights whose stored blocks differ by less than WORK_STEP and whose balance is the same to
+BALANCE_STEP share a timing.
 
 Which candidates: dense always (so the choice is never slower than dense by more than the noise), plus the sparse
 candidates predicted within FINALIST_RATIO of the best predicted one, at most MAX_FINALISTS of them, best first.
@@ -13,8 +19,8 @@ candidates predicted within FINALIST_RATIO of the best predicted one, at most MA
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -35,6 +41,9 @@ SHORT_ROUNDS = 5
 SHORT_SECONDS = 2e-4
 # Template names of the planner's records in the tuning database: kept apart from the tuner's own rows.
 TEMPLATE_PREFIX = "plan-"
+# Stored blocks within 2 % (log-spaced buckets) and thread balance within 0.05 time alike.
+WORK_STEP = 1.02
+BALANCE_STEP = 0.05
 
 
 def finalists(predicted: Mapping[str, float]) -> list[str]:
@@ -56,12 +65,18 @@ def candidate_seconds(kernels, matrix: torch.Tensor, tokens: int, name: str) -> 
     return kernels.seconds(matrix, tokens, candidate_block(name))[0]
 
 
-def pattern_digest(matrix: torch.Tensor) -> str:
-    """Hash of where `matrix` is non-zero (values do not change a kernel's speed)."""
-    mask = (matrix != 0).contiguous().numpy()
-    h = hashlib.sha256(f"{tuple(matrix.shape)};".encode())
-    h.update(mask.tobytes())
-    return h.hexdigest()
+def work_signature(matrix: torch.Tensor, block: tuple[int, int], threads: int) -> str:
+    """The work a `block` kernel does on `matrix` (out, in), coarse enough that weights of the same shape pruned
+    alike share it: stored blocks (log buckets of WORK_STEP) and the busiest thread's share over the mean."""
+    from sparsecc.passes.analyze_weights import imbalance
+
+    r, c = block
+    n, k = matrix.shape
+    occupied = (matrix != 0).reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
+    stored = int(occupied.sum())
+    bucket = round(math.log(stored) / math.log(WORK_STEP)) if stored else -1
+    balance = round(imbalance(occupied.sum(dim=1), r, threads) / BALANCE_STEP) * BALANCE_STEP
+    return f"work:{bucket}:{balance:.2f}"
 
 
 class CandidateTimer:
@@ -87,8 +102,9 @@ class CandidateTimer:
 
     def seconds(self, matrix: torch.Tensor, tokens: Sequence[int], candidates: Sequence[str]) -> dict[str, float]:
         """Measured seconds of each candidate for `matrix` (out, in) summed over its uses' token counts."""
-        digest = pattern_digest(matrix)
-        keys = {(name, t): self._key(matrix, digest, t, name) for name in candidates for t in tokens}
+        work = {name: "any" if name == "dense" else work_signature(matrix, candidate_block(name), self.threads)
+                for name in candidates}
+        keys = {(name, t): self._key(matrix, work[name], t, name) for name in candidates for t in tokens}
         known: dict[tuple[str, int], float] = {}
         for job, key in keys.items():
             record = self._get(key)
@@ -109,13 +125,13 @@ class CandidateTimer:
         known.update(timed)
         return {name: sum(known[(name, t)] for t in tokens) for name in candidates}
 
-    def _key(self, matrix: torch.Tensor, digest: str, tokens: int, name: str) -> TuningKey:
+    def _key(self, matrix: torch.Tensor, work: str, tokens: int, name: str) -> TuningKey:
         import tvm
 
         spec = {"out": int(matrix.shape[0]), "in": int(matrix.shape[1]), "tokens": int(tokens),
                 "dtype": str(matrix.dtype).removeprefix("torch.")}
         return TuningKey(str(self.target), tvm.__version__, sparsecc.__version__, TEMPLATE_PREFIX + name,
-                         self.template_version, TuningKey.spec_json(spec), "any" if name == "dense" else digest)
+                         self.template_version, TuningKey.spec_json(spec), work)
 
     def _measure(self, matrix: torch.Tensor, tokens: int, name: str) -> float:
         from sparsecc.calibration import KernelTimer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import types
@@ -13,6 +14,9 @@ from typing import Any, Literal, Mapping
 from sparsecc.errors import OptionError
 
 STAGES = ("capture", "analysis", "plan", "rewrite", "partition", "lower", "build")
+# Options every compile of the process (and of the processes it starts) takes unless it passes its own: a JSON
+# object, e.g. '{"cost_model": "break-even"}' where a build pipeline wants plans that do not depend on timing.
+ENV_OPTIONS = "SPARSECC_OPTIONS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +112,13 @@ class Settings:
     # CSR only for weights at most this dense; None: 0.3 with cost_model="break-even" (the measured CSR break-even,
     # 0.42 at BERT shapes, times 0.75 for the slowdown inside a model), no limit with "calibrated".
     csr_max_density: float | None = None
-    # How the planner prices formats: "break-even" (stored fraction over each kernel's measured break-even density),
-    # "calibrated" (sparsecc/cost_model.py: a model of this machine from a micro-benchmark run once per target and
-    # stored in the cache; predictions per candidate in the plan) or "measured" (the calibrated model ranks the
-    # candidates and the close ones are timed on the weight, sparsecc/candidate_timing.py; needs a target that runs
-    # here, else predictions decide). See docs/benchmarks.md "Plan quality" for how often each picks the fastest.
-    cost_model: Literal["break-even", "calibrated", "measured"] = "break-even"
+    # How the planner prices formats: "measured" (the calibrated model ranks the candidates and dense plus the close
+    # ones are timed on the weight, sparsecc/candidate_timing.py; a target that does not run here falls back to the
+    # predictions), "calibrated" (sparsecc/cost_model.py: a model of this machine from a micro-benchmark run once
+    # per target and stored in the cache; predictions per candidate in the plan) or "break-even" (stored fraction
+    # over each kernel's measured break-even density; never measures, so plans do not depend on timing). See
+    # docs/benchmarks.md "Plan quality" for how often each picks the fastest.
+    cost_model: Literal["break-even", "calibrated", "measured"] = "measured"
     # Weights with fewer elements stay dense: the call overhead would eat the saving.
     min_weight_numel: int = 4096
     # Which ops go to TVM: "sparse" = sparse ops and the reshapes around them (dense work stays in PyTorch,
@@ -140,14 +145,39 @@ class Settings:
     # Without "dense" the best listed sparse format is forced on every weight that has a sparse kernel, even where
     # it is predicted slower. None: all of them.
     formats: tuple[str, ...] | None = None
-    # Go sparse only where the predicted speed-up over dense is at least this (1.2: 20 % faster).
+    # Go sparse only where the speed-up over dense (measured or predicted) is at least this (1.2: 20 % faster).
     min_gain: float = 1.0
     # Directory of sparsecc's on-disk cache (the tuning database); None: $SPARSECC_CACHE_DIR, else ~/.cache/sparsecc.
     cache_dir: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "Settings":
-        options = dict(options or {})
+        """Settings from the user's options over those of $SPARSECC_OPTIONS, checked."""
+        given = dict(options or {})
+        inherited = {k: v for k, v in environment_options().items() if k not in given}
+        try:
+            cls._check_options(inherited)
+        except OptionError as exc:
+            raise OptionError(f"${ENV_OPTIONS}: {exc}") from None
+        return cls._checked({**inherited, **given})
+
+    @classmethod
+    def _checked(cls, options: dict[str, Any]) -> "Settings":
+        cls._check_options(options)
+        settings = cls(**options)
+        if settings.csr_max_density is not None and not 0.0 <= settings.csr_max_density <= 1.0:
+            raise OptionError(f"option 'csr_max_density' must be within [0, 1], got {settings.csr_max_density}.")
+        if settings.target != "host":
+            _check_target(settings.target)
+        if settings.min_gain <= 0:
+            raise OptionError(f"option 'min_gain' must be > 0 (1.0: any predicted gain), got {settings.min_gain}.")
+        if settings.num_threads is not None and settings.num_threads < 1:
+            raise OptionError(f"option 'num_threads' must be >= 1 or None, got {settings.num_threads}.")
+        return settings
+
+    @classmethod
+    def _check_options(cls, options: dict[str, Any]) -> None:
+        """Check each option's name and type, and turn the dict and list forms into their settings types, in place."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         for key, value in list(options.items()):
@@ -164,16 +194,21 @@ class Settings:
             if key == "cache_dir" and isinstance(value, os.PathLike):
                 value = options[key] = os.fspath(value)
             _check_type(key, value, hints[key])
-        settings = cls(**options)
-        if settings.csr_max_density is not None and not 0.0 <= settings.csr_max_density <= 1.0:
-            raise OptionError(f"option 'csr_max_density' must be within [0, 1], got {settings.csr_max_density}.")
-        if settings.target != "host":
-            _check_target(settings.target)
-        if settings.min_gain <= 0:
-            raise OptionError(f"option 'min_gain' must be > 0 (1.0: any predicted gain), got {settings.min_gain}.")
-        if settings.num_threads is not None and settings.num_threads < 1:
-            raise OptionError(f"option 'num_threads' must be >= 1 or None, got {settings.num_threads}.")
-        return settings
+
+
+def environment_options() -> dict[str, Any]:
+    text = os.environ.get(ENV_OPTIONS, "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OptionError(f"${ENV_OPTIONS} must be a JSON object such as '{{\"cost_model\": \"break-even\"}}' "
+                          f"({exc}); got {text!r}.") from None
+    if not isinstance(value, dict):
+        raise OptionError(f"${ENV_OPTIONS} must be a JSON object such as '{{\"cost_model\": \"break-even\"}}'; "
+                          f"got {text!r}.")
+    return value
 
 
 FORMAT_NAMES = ("dense", "csr", "bsr")

@@ -77,7 +77,7 @@ class TuningKey:
     template: str
     template_version: int
     spec: str  # canonical JSON of the kernel's specialisation (see `spec_json`)
-    pattern: str  # hex digest of the weight's pattern
+    pattern: str  # hex digest of the weight's pattern (the planner's timings: its work signature, candidate_timing.py)
 
     @staticmethod
     def spec_json(spec: Mapping[str, Any]) -> str:

@@ -91,7 +91,7 @@ def test_format_choice_and_reason(w, fmt, fragment):
 def test_plan_covers_every_analysed_weight():
     w1, w2 = sparse_matrix(512, 768, 0.02), sparse_matrix(768, 512, 0.9)
     gm = analyze_weights(traced(lambda x: (x @ w1) @ w2, torch.randn(64, 512)), Settings())
-    plan = plan_formats(gm, Settings(min_weight_numel=1), REFERENCE)
+    plan = plan_formats(gm, Settings(min_weight_numel=1, cost_model="calibrated"), REFERENCE)
     assert [c.format for c in plan.choices.values()] == [SparseFormat.CSR, SparseFormat.DENSE]
     assert plan.sparse_weights() == [next(iter(plan.choices))]
 

@@ -12,7 +12,7 @@ from sparsecc.cost_model import REFERENCE, MachineModel, predict_dense, predict_
 from sparsecc.formats import SparseFormat, SparsePlan
 from sparsecc.passes.plan_formats import choose_format
 from sparsecc.plan_quality import Layer, judge, make_weight, weight_sparsity
-from sparsecc.settings import Settings
+from sparsecc.settings import ENV_OPTIONS, Settings
 
 
 def test_predictions_grow_with_work():
@@ -76,7 +76,7 @@ def test_skewed_rows_are_seen_by_analysis():
 def test_calibrated_option_reaches_the_plan(reference_machine, monkeypatch):
     monkeypatch.setattr(calibration, "machine_model", lambda settings: reference_machine)
     w = weight_sparsity(make_weight(Layer(1024, 1024, 128, 0.97, "random")), 128, 2)
-    assert choose_format(w, Settings()).predictions == {}  # break-even rule: no predictions
+    assert choose_format(w, Settings(cost_model="break-even")).predictions == {}  # break-even rule: no predictions
     calibrated = choose_format(w, Settings(cost_model="calibrated"))
     assert "dense" in calibrated.predictions and "csr" in calibrated.predictions
 
@@ -185,7 +185,8 @@ def test_measured_plan_on_a_model_is_kept_in_the_tuning_database(calibrated_cach
     model = prune_linears_(torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
                                                torch.nn.Linear(512, 256)), 0.95).eval()
     x = torch.randn(64, 256)
-    options = dict(cost_model="measured", cache_dir=str(calibrated_cache_dir), min_weight_numel=1)
+    monkeypatch.delenv(ENV_OPTIONS)  # the default planner, as users get it: cost_model="measured"
+    options = dict(cache_dir=str(calibrated_cache_dir), min_weight_numel=1)
     with torch.no_grad(), CompileWatch() as watch:
         torch.testing.assert_close(compile_sparsecc(model, **options)(x), model(x), **TOLERANCES[torch.float32])
     plan = watch.graphs[0].state.plan

@@ -112,7 +112,7 @@ def test_relax_module_uses_tir_kernel_for_each_shape():
 
     x = torch.randn(4, 32)
     gm = make_fx(fn)(x)
-    state = run_pipeline(gm, [x], Settings(min_weight_numel=1))
+    state = run_pipeline(gm, [x], Settings(min_weight_numel=1, cost_model="break-even"))
     prim_funcs = [gv.name_hint for gv, f in state.irmodule.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     relax_funcs = [gv.name_hint for gv, f in state.irmodule.functions.items() if isinstance(f, relax.Function)]
     # Two layers of one shape share one kernel; each region is a Relax function.

@@ -15,7 +15,7 @@ from sparsecc.passes.plan_formats import plan_formats
 from sparsecc.passes.rewrite_sparse import rewrite_sparse
 from sparsecc.settings import Settings
 
-S = Settings(min_weight_numel=1)
+S = Settings(min_weight_numel=1, cost_model="break-even")  # plans that do not depend on timing (conftest.py)
 
 
 def sparse_matrix(rows, cols, density=0.1, seed=0):

@@ -5,10 +5,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparsecc
-from sparsecc.settings import Settings
+from sparsecc.settings import ENV_OPTIONS, Settings
 
 
-def test_defaults_are_frozen():
+def test_defaults_are_frozen(monkeypatch):
+    monkeypatch.delenv(ENV_OPTIONS)
     s = Settings.from_options(None)
     with pytest.raises(Exception):
         s.csr_max_density = 0.5  # type: ignore[misc]
@@ -39,6 +40,30 @@ def test_ill_typed_option_lists_valid_choices(options, fragment):
 @given(st.floats(min_value=0.0, max_value=1.0, allow_nan=False))
 def test_any_density_in_range_is_accepted(value):
     assert Settings.from_options({"csr_max_density": value}).csr_max_density == value
+
+
+def test_environment_options_are_defaults_under_the_callers(monkeypatch):
+    monkeypatch.setenv(ENV_OPTIONS, '{"cost_model": "calibrated", "formats": ["csr"], "min_gain": 1.2}')
+    s = Settings.from_options({"min_gain": 1.5})
+    assert (s.cost_model, s.formats, s.min_gain) == ("calibrated", ("csr",), 1.5)
+    monkeypatch.delenv(ENV_OPTIONS)
+    assert Settings.from_options(None).cost_model == "measured"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"cost_modl": "measured"}', "Did you mean 'cost_model'"),
+    ('{"cost_model": "fast"}', "'break-even', 'calibrated', 'measured'"),
+    ('cost_model=measured', "must be a JSON object"),
+    ('["measured"]', "must be a JSON object"),
+])
+def test_bad_environment_options_name_the_variable(monkeypatch, text, fragment):
+    monkeypatch.setenv(ENV_OPTIONS, text)
+    with pytest.raises(sparsecc.OptionError) as info:
+        Settings.from_options(None)
+    assert ENV_OPTIONS in str(info.value) and fragment in str(info.value)
+    # An option the caller gives is not read from the environment, so its bad value there is not in the way.
+    if text.startswith('{"cost_model"'):
+        assert Settings.from_options({"cost_model": "break-even"}).cost_model == "break-even"
 
 
 def test_bad_option_through_torch_compile_reaches_the_user():
