@@ -211,3 +211,20 @@ def test_failed_timing_falls_back_to_predictions(reference_machine):
     choice = choose_format(w, Settings(cost_model="measured"), reference_machine, lambda names: None)
     predicted = choose_format(w, Settings(cost_model="calibrated"), reference_machine)
     assert choice == predicted and not choice.measured and "predicted at" in choice.reason
+
+
+def test_like_pruned_weights_share_a_timing_and_others_do_not(tmp_path, monkeypatch):
+    from sparsecc.candidate_timing import CandidateTimer
+
+    timed = []
+    monkeypatch.setattr(CandidateTimer, "_measure", lambda self, m, t, name: timed.append(name) or 1e-3)
+    timer = CandidateTimer(Settings(cache_dir=str(tmp_path)), host_target(2), 2)
+    first, second = (make_weight(Layer(768, 768, 128, 0.9, "random"), seed=s) for s in (1, 2))
+    assert not torch.equal(first != 0, second != 0)
+    timer.seconds(first, [128], ["dense", "csr", "bsr8x1"])
+    count = len(timed)
+    assert count >= 3
+    timer.seconds(second, [128], ["dense", "csr", "bsr8x1"])  # another mask, the same work: read back
+    assert len(timed) == count and timer.reused == 3
+    timer.seconds(make_weight(Layer(768, 768, 128, 0.8, "random"), seed=3), [128], ["dense", "csr"])
+    assert timed[count:].count("csr") >= 1 and "dense" not in timed[count:]  # twice the blocks: timed again
