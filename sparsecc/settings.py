@@ -156,7 +156,7 @@ class Settings:
         given = dict(options or {})
         inherited = {k: v for k, v in environment_options().items() if k not in given}
         try:
-            cls._check_options(inherited)
+            cls._checked(inherited)
         except OptionError as exc:
             raise OptionError(f"${ENV_OPTIONS}: {exc}") from None
         return cls._checked({**inherited, **given})

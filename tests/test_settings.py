@@ -55,6 +55,7 @@ def test_environment_options_are_defaults_under_the_callers(monkeypatch):
     ('{"cost_model": "fast"}', "'break-even', 'calibrated', 'measured'"),
     ('cost_model=measured', "must be a JSON object"),
     ('["measured"]', "must be a JSON object"),
+    ('{"min_gain": -1}', "'min_gain' must be > 0"),
 ])
 def test_bad_environment_options_name_the_variable(monkeypatch, text, fragment):
     monkeypatch.setenv(ENV_OPTIONS, text)
