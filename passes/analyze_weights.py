@@ -86,14 +86,14 @@ def block_stats(matrix: torch.Tensor, threads: int = 1) -> tuple[BlockStats, ...
     """Non-empty blocks of each shape in BLOCK_SHAPES that divides the (out, in) matrix, counted without loops."""
     n, k = matrix.shape
     nonzero = matrix != 0
-    stats = []
-    for r, c in BLOCK_SHAPES:
-        if n % r or k % c:
-            continue
-        occupied = nonzero.reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
-        stats.append(BlockStats(r, c, int(occupied.sum()), occupied.numel(),
-                                imbalance(occupied.sum(dim=1), r, threads)))
-    return tuple(stats)
+    return tuple(block_stat(nonzero, r, c, threads) for r, c in BLOCK_SHAPES if not (n % r or k % c))
+
+
+def block_stat(nonzero: torch.Tensor, r: int, c: int, threads: int = 1) -> BlockStats:
+    """Non-empty r x c blocks of a boolean (out, in) mask whose sides r and c divide, and their thread balance."""
+    n, k = nonzero.shape
+    occupied = nonzero.reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
+    return BlockStats(r, c, int(occupied.sum()), occupied.numel(), imbalance(occupied.sum(dim=1), r, threads))
 
 
 def imbalance(per_block_row: torch.Tensor, r: int, threads: int) -> float:

@@ -68,14 +68,11 @@ def candidate_seconds(kernels, matrix: torch.Tensor, tokens: int, name: str) -> 
 def work_signature(matrix: torch.Tensor, block: tuple[int, int], threads: int) -> str:
     """The work a `block` kernel does on `matrix` (out, in), coarse enough that weights of the same shape pruned
     alike share it: stored blocks (log buckets of WORK_STEP) and the busiest thread's share over the mean."""
-    from sparsecc.passes.analyze_weights import imbalance
+    from sparsecc.passes.analyze_weights import block_stat
 
-    r, c = block
-    n, k = matrix.shape
-    occupied = (matrix != 0).reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
-    stored = int(occupied.sum())
-    bucket = round(math.log(stored) / math.log(WORK_STEP)) if stored else -1
-    balance = round(imbalance(occupied.sum(dim=1), r, threads) / BALANCE_STEP) * BALANCE_STEP
+    stats = block_stat(matrix != 0, *block, threads)
+    bucket = round(math.log(stats.blocks) / math.log(WORK_STEP)) if stats.blocks else -1
+    balance = round(stats.imbalance / BALANCE_STEP) * BALANCE_STEP
     return f"work:{bucket}:{balance:.2f}"
 
 
