@@ -142,6 +142,21 @@ def test_tvm_threads_follow_torch_and_the_option():
     assert tvm.runtime.num_threads() == torch.get_num_threads()
 
 
+@pytest.mark.parametrize("environ, spins", [
+    ({}, 0),  # libgomp's default: its threads spin long, so TVM's must not
+    ({"GOMP_SPINCOUNT": "1000"}, 1000),
+    ({"GOMP_SPINCOUNT": "10k"}, 1000),
+    ({"GOMP_SPINCOUNT": "2M"}, 0),
+    ({"GOMP_SPINCOUNT": "INFINITE"}, 0),
+    ({"OMP_WAIT_POLICY": "Passive"}, 1000),
+    ({"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "1000"}, 1000),
+])
+def test_tvm_spins_only_beside_quiet_openmp_threads(environ, spins):
+    from sparsecc.codegen.targets import default_tvm_spin_count
+
+    assert default_tvm_spin_count(environ) == spins
+
+
 def test_packed_bytes_at_90_percent():
     """CSR at 90 % zeros, fp32, int16 columns: at most 0.2x the dense bytes (0.15x plus row pointers)."""
     w = pattern(768, 3072, "random", 0.1, 4)
