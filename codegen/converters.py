@@ -15,7 +15,7 @@ from torch import fx
 from tvm import relax
 
 from sparsecc.codegen.kernels.bsr import ACTIVATIONS as KERNEL_ACTIVATIONS
-from sparsecc.codegen.kernels.bsr import KernelKnobs, bsr_linear_kernel
+from sparsecc.codegen.kernels.bsr import KernelKnobs, bsr_linear_kernel, default_knobs, token_tiled_shape
 from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
 from sparsecc.passes.graph_utils import RESHAPE_OPS, shape_dtype
 
@@ -32,6 +32,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 class LoweringContext:
     bb: relax.BlockBuilder
     kernels: dict[tuple, relax.GlobalVar]
+    # Nodes whose Relax value is in the sparse kernel's token-tiled layout (codegen/kernels/bsr.token_tiled_shape)
+    # rather than their own shape: a sparse_linear feeding only other sparse kernels, and reshapes of it.
+    tiled: set[fx.Node] = dataclasses.field(default_factory=set)
 
     def kernel(self, key: tuple, make: Callable[[], Any], name: str) -> relax.GlobalVar:
         """One PrimFunc per distinct specialisation; layers of equal shape share it."""
@@ -127,9 +130,13 @@ class SparseLinearSpec:
         epilogue = ("" if self.activation == "none" else f"_{self.activation}") + ("_residual" if self.residual else "")
         return f"{fmt}_linear_{self.m}x{self.n}x{self.k}_{self.dtype}{epilogue}"
 
-    def kernel(self, knobs: KernelKnobs | None = None):
+    def kernel(self, knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False):
         return bsr_linear_kernel(self.m, self.n, self.k, self.block, self.dtype, self.activation, self.residual,
-                                 self.index_dtype, self.column_dtype, knobs=knobs)
+                                 self.index_dtype, self.column_dtype, knobs=knobs, x_tiled=x_tiled, y_tiled=y_tiled)
+
+    def token_tile(self, knobs: KernelKnobs | None) -> int:
+        knobs = knobs or default_knobs(self.m, self.n, self.k, self.block, self.dtype)
+        return min(knobs.token_tile, self.m)
 
 
 # node.meta key under which codegen/tuning.py leaves the tuned KernelKnobs of a sparse_linear node.
@@ -146,14 +153,48 @@ def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Ex
     if residual is None:
         residual = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, 1, dtype=dtype)))
     knobs = node.meta.get(KNOBS_META)  # None: the template's defaults
-    key = spec.key if knobs is None else (*spec.key, knobs)
-    gv = ctx.kernel(key, lambda: spec.kernel(knobs), spec.name)
-    return relax.call_tir(gv, [x, indptr, indices, values, bias, residual],
-                          relax.TensorType((spec.m, spec.n), spec.dtype))
+    x_tiled = node.args[0] in ctx.tiled
+    y_tiled = _feeds_sparse_kernels_only(node, spec.token_tile(knobs))
+    layouts = ("x_tiled",) * x_tiled + ("y_tiled",) * y_tiled
+    key = (*spec.key, *layouts) if knobs is None else (*spec.key, knobs, *layouts)
+    gv = ctx.kernel(key, lambda: spec.kernel(knobs, x_tiled, y_tiled), "_".join((spec.name, *layouts)))
+    if y_tiled:
+        ctx.tiled.add(node)
+        out_shape = token_tiled_shape(spec.m, spec.n, spec.token_tile(knobs))
+    else:
+        out_shape = (spec.m, spec.n)
+    return relax.call_tir(gv, [x, indptr, indices, values, bias, residual], relax.TensorType(out_shape, spec.dtype))
+
+
+def _feeds_sparse_kernels_only(node: fx.Node, tile: int) -> bool:
+    """Whether every use of `node`, through reshapes, is as the input x (and only that) of another sparse_linear of
+    the same input shape as node's output and the same token tile: then node can hand its output over in the
+    kernels' token-tiled layout. A use outside the region (its output node) or by any other op rules it out."""
+    shape = shape_dtype(node)[0]
+    pending = [(node, user) for user in node.users]
+    consumers = 0
+    while pending:
+        via, user = pending.pop()
+        if user.op != "call_function":
+            return False
+        if user.target in VIEW_OPS:
+            pending.extend((user, u) for u in user.users)
+            continue
+        if user.target is not torch.ops.sparsecc.sparse_linear.default or not _sparse_check(user):
+            return False
+        if user.args[0] is not via or via in user.args[1:] or shape_dtype(via)[0] != shape:
+            return False
+        if SparseLinearSpec.of(user).token_tile(user.meta.get(KNOBS_META)) != tile:
+            return False
+        consumers += 1
+    return consumers > 0
 
 
 @converter(*VIEW_OPS, check=_static)
 def _reshape(ctx, node, args):
+    if node.args[0] in ctx.tiled:  # a reshape between two sparse kernels: the tiled value passes through
+        ctx.tiled.add(node)
+        return args[0]
     shape, _ = shape_dtype(node)
     return relax.op.reshape(args[0], shape)
 

@@ -43,6 +43,29 @@ def test_mlp_with_odd_sizes(no_fallback):
     assert watch.sparse_ops == 3 and watch.regions == 1
     outer_ops = {str(n.target) for n in watch.graphs[0].state.gm.graph.nodes if n.op == "call_function"}
     assert not {"aten.gelu.default", "aten.relu.default"} & outer_ops
+    # fc1 and fc2 hand their outputs to the next sparse kernel in its token-tiled layout (no transpose there).
+    kernels = [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions if "linear" in gv.name_hint]
+    assert sum("y_tiled" in k for k in kernels) == 2 and sum("x_tiled" in k for k in kernels) == 2, kernels
+
+
+class SharedHidden(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(40, 64)
+        self.fc2 = nn.Linear(64, 24)
+
+    def forward(self, x):
+        hidden = self.fc1(x)
+        return self.fc2(hidden), hidden * 2
+
+
+def test_output_used_outside_the_next_kernel_stays_row_major(no_fallback):
+    model = prune_linears_(SharedHidden(), 0.9)
+    actual, expected, watch, _ = run_both(model, torch.randn(2, 9, 40), min_weight_numel=1)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert watch.sparse_ops == 2
+    kernels = [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions if "linear" in gv.name_hint]
+    assert len(kernels) == 2 and not any("tiled" in k for k in kernels), kernels
 
 
 def test_second_input_shape_is_correct(no_fallback):

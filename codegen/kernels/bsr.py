@@ -13,6 +13,9 @@ Layout, and why:
   slice of x^T at a time. With the token-tiled layout it only paid once x^T overflows L2 (5 % at K = 3072) and
   cost 10-30 % at K = 768; `prefers_token_outer` decides unless the caller does.
 - Accumulators live on the stack (see STACK_LIMIT_BYTES), so LLVM keeps them in registers.
+- One parallel launch per kernel (transpose, barrier, product): each launch may have to wake TVM's workers.
+- x and y may instead be in the token-tiled layout itself (`token_tiled_shape`), when one sparse kernel feeds the
+  next: the writer stores whole tiles, the reader skips its transpose.
 Token count, sizes, block shape, epilogue and dtype are baked in; the number of stored blocks stays symbolic so
 layers of one shape share one kernel.
 
@@ -29,7 +32,7 @@ from tvm.script import tirx as T
 # Bump when the generated code changes for the same knobs: tuning results stored for an older template are
 # then ignored (the tuning database keys on it).
 TEMPLATE = "bsr_linear"
-TEMPLATE_VERSION = 4
+TEMPLATE_VERSION = 5
 
 # Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128 for 1-row blocks.
 TOKEN_TILE = 32
@@ -124,12 +127,21 @@ def default_knobs(m: int, n: int, k: int, block: tuple[int, int], dtype: str) ->
                        chains=chains)
 
 
+def token_tiled_shape(m: int, width: int, tile: int) -> tuple[int, int, int]:
+    """The kernel's own layout of an (m, width) activation: (token tiles, width, tile), tokens past m zero-padded
+    on input. A kernel that feeds another sparse kernel can write its output this way, and the next one then
+    skips its transpose (the writer stores whole vectors instead of one value per token)."""
+    return ((m + tile - 1) // tile, width, tile)
+
+
 def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",
                       residual: bool = False, index_dtype: str = "int32", column_dtype: str = "int32", *,
-                      knobs: KernelKnobs | None = None):
+                      knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False):
     """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], res, y[m, n])`.
     `res` is (m, n) when `residual`, else an unused (1, 1) buffer. Needs n % r == 0 and k % c == 0 (the planner
-    only picks block shapes that divide the weight). `knobs` defaults to `default_knobs(m, n, k, block, dtype)`."""
+    only picks block shapes that divide the weight). `knobs` defaults to `default_knobs(m, n, k, block, dtype)`.
+    `x_tiled` / `y_tiled`: x / y come in / go out in `token_tiled_shape` with the knobs' token tile (clipped to m)
+    instead of (m, k) / (m, n); a tiled x needs no transpose."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
     if knobs is None:
@@ -149,6 +161,8 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     rows = group * r
     res_shape = (m, n) if residual else (1, 1)
     k_strips = (k + TRANSPOSE_STRIP - 1) // TRANSPOSE_STRIP
+    x_shape = token_tiled_shape(m, k, tile) if x_tiled else (m, k)
+    y_shape = token_tiled_shape(m, n, tile) if y_tiled else (m, n)
 
     @T.macro
     def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, task):
@@ -193,13 +207,24 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                                     acc[0, i, t] + T.cast(0.044715, dtype) * acc[0, i, t] * acc[0, i, t] * acc[0, i, t])))
                         else:
                             out[g * r + i, t] = acc[0, i, t]
-        for t in T.serial(tile):
+        if y_tiled:
+            # Token tiles past m hold values computed from x's zero padding; the next kernel's padded tokens are
+            # never written back, so they need not be zero.
             for i in T.serial(rows):
-                if mo * tile + t < m and task * rows + i < n:
-                    if residual:
-                        Y[mo * tile + t, task * rows + i] = out[i, t] + R[mo * tile + t, task * rows + i]
-                    else:
-                        Y[mo * tile + t, task * rows + i] = out[i, t]
+                if task * rows + i < n:
+                    for t in T.vectorized(tile):
+                        if residual:
+                            Y[mo, task * rows + i, t] = out[i, t] + R[T.min(mo * tile + t, m - 1), task * rows + i]
+                        else:
+                            Y[mo, task * rows + i, t] = out[i, t]
+        else:
+            for t in T.serial(tile):
+                for i in T.serial(rows):
+                    if mo * tile + t < m and task * rows + i < n:
+                        if residual:
+                            Y[mo * tile + t, task * rows + i] = out[i, t] + R[mo * tile + t, task * rows + i]
+                        else:
+                            Y[mo * tile + t, task * rows + i] = out[i, t]
 
     @T.macro
     def transpose(X, XT):
@@ -232,24 +257,28 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                y: T.handle):
         T.func_attr({"tir.noalias": True})
         nb = T.int64()
-        X = T.match_buffer(x, (m, k), dtype)
+        X = T.match_buffer(x, x_shape, dtype)
         P = T.match_buffer(indptr, (block_rows + 1,), index_dtype)
         J = T.match_buffer(indices, (nb,), column_dtype)
         V = T.match_buffer(values, (nb, r, c), dtype)
         B = T.match_buffer(bias, (n,), dtype)
         R = T.match_buffer(res, res_shape, dtype)
-        Y = T.match_buffer(y, (m, n), dtype)
-        XT = T.alloc_buffer((m_outer, k, tile), dtype)
-        # One parallel launch for the transpose and the product, with a barrier between them: a second launch
-        # wakes TVM's sleeping workers a second time (BERT-base's kernels measured 5-10 % faster this way).
-        # TVM drops a parallel loop of one iteration, and a launch point then finds none: such kernels launch twice.
-        if k_strips > 1 and tasks > 1:
-            with T.attr(0, "pragma_parallel_launch_point", 1):
-                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                    transpose(X, XT)
-                product(X, P, J, V, B, R, Y, XT)
+        Y = T.match_buffer(y, y_shape, dtype)
+        if x_tiled:
+            product(X, P, J, V, B, R, Y, X)
         else:
-            transpose(X, XT)
-            product(X, P, J, V, B, R, Y, XT)
+            XT = T.alloc_buffer((m_outer, k, tile), dtype)
+            # One parallel launch for the transpose and the product, with a barrier between them: a second launch
+            # wakes TVM's sleeping workers a second time (BERT-base's kernels measured 5-10 % faster this way).
+            # TVM drops a parallel loop of one iteration, and a launch point then finds none: such kernels launch
+            # twice.
+            if k_strips > 1 and tasks > 1:
+                with T.attr(0, "pragma_parallel_launch_point", 1):
+                    with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                        transpose(X, XT)
+                    product(X, P, J, V, B, R, Y, XT)
+            else:
+                transpose(X, XT)
+                product(X, P, J, V, B, R, Y, XT)
 
     return kernel
