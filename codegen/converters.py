@@ -153,16 +153,15 @@ def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Ex
     if residual is None:
         residual = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, 1, dtype=dtype)))
     knobs = node.meta.get(KNOBS_META)  # None: the template's defaults
+    tile = spec.token_tile(knobs)
     x_tiled = node.args[0] in ctx.tiled
-    y_tiled = _feeds_sparse_kernels_only(node, spec.token_tile(knobs))
+    y_tiled = _feeds_sparse_kernels_only(node, tile)
     layouts = ("x_tiled",) * x_tiled + ("y_tiled",) * y_tiled
     key = (*spec.key, *layouts) if knobs is None else (*spec.key, knobs, *layouts)
     gv = ctx.kernel(key, lambda: spec.kernel(knobs, x_tiled, y_tiled), "_".join((spec.name, *layouts)))
     if y_tiled:
         ctx.tiled.add(node)
-        out_shape = token_tiled_shape(spec.m, spec.n, spec.token_tile(knobs))
-    else:
-        out_shape = (spec.m, spec.n)
+    out_shape = token_tiled_shape(spec.m, spec.n, tile) if y_tiled else (spec.m, spec.n)
     return relax.call_tir(gv, [x, indptr, indices, values, bias, residual], relax.TensorType(out_shape, spec.dtype))
 
 

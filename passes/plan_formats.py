@@ -1,13 +1,14 @@
 """Plan: choose a storage format per analysed weight (dense in PyTorch, CSR, or BSR with some block shape) and say why.
 
-With `cost_model="calibrated"` each candidate's time comes from the cost model (sparsecc/cost_model.py) on the
-machine model of the target (calibrated once per machine, sparsecc/calibration.py), summed over the weight's uses at
-their token counts, and every candidate's prediction goes into the plan. The default, "break-even", prices a format
-by the fraction of the weight it stores over its measured break-even density, whatever the shape and token count:
-the calibrated model does not yet meet its quality target (docs/benchmarks.md, plan quality), and on models of the
-BERT kind the break-even rule picks the same formats. With "measured" the calibrated model ranks the candidates
-and the close ones are timed on the weight itself (sparsecc/candidate_timing.py). Either way the fastest wins, and a
-sparse format must beat dense by `min_gain`.
+Three ways to price the candidates (`cost_model`):
+- "measured", the default: the calibrated model ranks the candidates and dense plus the close ones are timed on the
+  weight itself (sparsecc/candidate_timing.py); a sparse format must then measure MEASURED_MIN_GAIN faster.
+- "calibrated": each candidate's time comes from the cost model (sparsecc/cost_model.py) on the machine model of the
+  target (calibrated once per machine, sparsecc/calibration.py), summed over the weight's uses at their token counts.
+- "break-even": a format costs the fraction of the weight it stores over its measured break-even density, whatever
+  the shape and token count; it never measures, so plans do not depend on timing.
+Every candidate's prediction (and measurement) goes into the plan. The fastest wins, and a sparse format must beat
+dense by `min_gain`.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def choose_format(w: WeightSparsity, settings: Settings,
     forced = settings.formats is not None and "dense" not in settings.formats
     if machine is None and settings.cost_model == "break-even":
         limits = {**BSR_BREAK_EVEN, (1, 1): csr_cap}
-        relative = {b: (blocks / max(1, w.numel // (b[0] * b[1]))) / limits[b] if limits[b] else float("inf")
+        relative = {b: _stored_fraction(w, b, blocks) / limits[b] if limits[b] else float("inf")
                     for b, (blocks, _) in stored.items() if b in limits}
         predictions: dict[str, float] = {}
         timing = "time relative to dense: stored fraction over the measured break-even"
@@ -175,7 +176,8 @@ def choose_format(w: WeightSparsity, settings: Settings,
     if nm is not None:
         others += f"; {nm} structured, run as its density allows"
     eligible = {b: t for b, t in relative.items()
-                if forced or not predictions or measured or stored[b][0] / max(1, w.numel // (b[0] * b[1])) <= MAX_STORED_DENSITY.get(b, 0.0)}
+                if forced or not predictions or measured
+                or _stored_fraction(w, b, stored[b][0]) <= MAX_STORED_DENSITY.get(b, 0.0)}
     if not eligible:
         return dense(f"density {w.density:.3f}: every sparse format would store more than its break-even fraction "
                      f"(csr {MAX_STORED_DENSITY[(1, 1)]:.2f}; {timing}; {others})", predictions)
@@ -193,6 +195,11 @@ def choose_format(w: WeightSparsity, settings: Settings,
         return dense(f"density {w.density:.3f}: no sparse format {verb} {wanted} ({timing}; {others})", predictions)
     return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {candidate_name(block)} {verb} at {est:.2f}x dense "
                         f"({timing}; {others})", predictions, measured)
+
+
+def _stored_fraction(w: WeightSparsity, block: tuple[int, int], blocks: int) -> float:
+    """The fraction of the weight's r x c blocks that a format storing `blocks` of them keeps."""
+    return blocks / max(1, w.numel // (block[0] * block[1]))
 
 
 def _predict(w: WeightSparsity, stored: dict, machine: MachineModel | Callable[[], MachineModel]):

@@ -110,7 +110,7 @@ class Settings:
     # What a failing stage does: fall back to the original graph with one warning, or raise.
     on_failure: Literal["fallback", "raise"] = "fallback"
     # CSR only for weights at most this dense; None: 0.3 with cost_model="break-even" (the measured CSR break-even,
-    # 0.42 at BERT shapes, times 0.75 for the slowdown inside a model), no limit with "calibrated".
+    # 0.42 at BERT shapes, times 0.75 for the slowdown inside a model), no limit with the other cost models.
     csr_max_density: float | None = None
     # How the planner prices formats: "measured" (the calibrated model ranks the candidates and dense plus the close
     # ones are timed on the weight, sparsecc/candidate_timing.py; a target that does not run here falls back to the

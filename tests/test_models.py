@@ -23,6 +23,11 @@ def run_both(model, *inputs, **options):
     return actual, expected, watch, compiled
 
 
+def sparse_kernel_names(watch):
+    """The sparse kernels (TIR functions) of the first graph compiled, by name."""
+    return [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions if "linear" in gv.name_hint]
+
+
 class OddMLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -44,7 +49,7 @@ def test_mlp_with_odd_sizes(no_fallback):
     outer_ops = {str(n.target) for n in watch.graphs[0].state.gm.graph.nodes if n.op == "call_function"}
     assert not {"aten.gelu.default", "aten.relu.default"} & outer_ops
     # fc1 and fc2 hand their outputs to the next sparse kernel in its token-tiled layout (no transpose there).
-    kernels = [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions if "linear" in gv.name_hint]
+    kernels = sparse_kernel_names(watch)
     assert sum("y_tiled" in k for k in kernels) == 2 and sum("x_tiled" in k for k in kernels) == 2, kernels
 
 
@@ -64,7 +69,7 @@ def test_output_used_outside_the_next_kernel_stays_row_major(no_fallback):
     actual, expected, watch, _ = run_both(model, torch.randn(2, 9, 40), min_weight_numel=1)
     torch.testing.assert_close(actual, expected, **FP32)
     assert watch.sparse_ops == 2
-    kernels = [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions if "linear" in gv.name_hint]
+    kernels = sparse_kernel_names(watch)
     assert len(kernels) == 2 and not any("tiled" in k for k in kernels), kernels
 
 

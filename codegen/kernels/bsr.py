@@ -112,13 +112,11 @@ def elem_bytes(dtype: str) -> int:
 def default_knobs(m: int, n: int, k: int, block: tuple[int, int], dtype: str) -> KernelKnobs:
     """The untuned heuristics: 32-token tiles halved until the accumulators fit the stack, 8 output rows a task,
     token-outer from K = 2048, 4 / r accumulator chains."""
-    r, _ = block
-    chains = max(1, 4 // r)
-    tile = TOKEN_TILE
-    while tile > 1 and chains * r * tile * elem_bytes(dtype) >= STACK_LIMIT_BYTES:
-        tile //= 2
-    return KernelKnobs(token_tile=tile, rows_per_task=ROWS_PER_TASK, token_outer=prefers_token_outer(k),
-                       chains=chains)
+    knobs = KernelKnobs(token_tile=TOKEN_TILE, rows_per_task=ROWS_PER_TASK, token_outer=prefers_token_outer(k),
+                        chains=max(1, 4 // block[0]))
+    while knobs.token_tile > 1 and not knobs.fits(block, dtype):
+        knobs = dataclasses.replace(knobs, token_tile=knobs.token_tile // 2)
+    return knobs
 
 
 def token_tiled_shape(m: int, width: int, tile: int) -> tuple[int, int, int]:
