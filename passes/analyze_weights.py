@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import fx
 
-from sparsecc.codegen.kernels.bsr import ROWS_PER_TASK
+from sparsecc.codegen.kernels.bsr import ROW_WORK, ROWS_PER_TASK, task_count, task_spans
 from sparsecc.codegen.targets import resolve_threads
 from sparsecc.formats import BlockStats, WeightSparsity, WeightUse
 from sparsecc.passes.fold_constants import LAYOUT, ORIGIN
@@ -78,7 +78,7 @@ def describe_weight(name: str, tensor: torch.Tensor, right: bool, uses: tuple[We
         blocks=block_stats(matrix, threads) if matrix is not None else (),
         nm=nm_stats(matrix) if matrix is not None else (),
         matrix=tuple(matrix.shape) if matrix is not None else (),
-        imbalance=imbalance((matrix != 0).sum(dim=1), 1, threads) if matrix is not None else 1.0,
+        imbalance=imbalance((matrix != 0).sum(dim=1), (1, 1), threads) if matrix is not None else 1.0,
     )
 
 
@@ -93,23 +93,24 @@ def block_stat(nonzero: torch.Tensor, r: int, c: int, threads: int = 1) -> Block
     """Non-empty r x c blocks of a boolean (out, in) mask whose sides r and c divide, and their thread balance."""
     n, k = nonzero.shape
     occupied = nonzero.reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
-    return BlockStats(r, c, int(occupied.sum()), occupied.numel(), imbalance(occupied.sum(dim=1), r, threads))
+    return BlockStats(r, c, int(occupied.sum()), occupied.numel(), imbalance(occupied.sum(dim=1), (r, c), threads))
 
 
-def imbalance(per_block_row: torch.Tensor, r: int, threads: int) -> float:
-    """The busiest thread's share of stored blocks over the mean share, split as the kernel splits the work: tasks of
-    ROWS_PER_TASK output rows, handed to threads in contiguous runs (TVM's static schedule)."""
-    total = int(per_block_row.sum())
-    if threads <= 1 or total == 0:
+def imbalance(per_block_row: torch.Tensor, block: tuple[int, int], threads: int) -> float:
+    """The busiest thread's work over the mean, split as the kernel splits it: tasks spanning equal work (stored
+    values plus ROW_WORK per row, `task_spans`), handed to threads in contiguous runs (TVM's static schedule). What
+    stays uneven is what one block-row holds: a row with most of the non-zeros cannot be split."""
+    if threads <= 1 or int(per_block_row.sum()) == 0:
         return 1.0
-    group = max(1, ROWS_PER_TASK // r)
-    counts = per_block_row.to(torch.int64)
-    pad = (-len(counts)) % group
-    tasks = torch.nn.functional.pad(counts, (0, pad)).reshape(-1, group).sum(dim=1)
-    per_thread = -(-len(tasks) // threads)
-    pad = (-len(tasks)) % per_thread
-    chunks = torch.nn.functional.pad(tasks, (0, pad)).reshape(-1, per_thread).sum(dim=1)
-    return round(float(chunks.max()) * threads / total, 4)
+    r, c = block
+    tasks = task_count(len(per_block_row) * r, block, ROWS_PER_TASK)
+    spans = task_spans(per_block_row, block, tasks)
+    work = torch.nn.functional.pad((per_block_row.to(torch.int64) * (r * c) + r * ROW_WORK).cumsum(0), (1, 0))
+    per_task = work[spans[1:]] - work[spans[:-1]]
+    per_thread = -(-tasks // threads)
+    pad = (-tasks) % per_thread
+    chunks = torch.nn.functional.pad(per_task, (0, pad)).reshape(-1, per_thread).sum(dim=1)
+    return round(float(chunks.max()) * threads / float(work[-1]), 4)
 
 
 def _tokens(node: fx.Node, w: torch.Tensor, pos: int) -> int:

@@ -17,16 +17,24 @@ class Timing:
 
 
 def interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 20,
-                warmup: int = 3) -> dict[str, Timing]:
+                warmup: int = 3, burst: int = 1) -> dict[str, Timing]:
+    """`burst` > 1: each turn makes one untimed call and then `burst` timed ones back to back, which measures a
+    candidate with its threads already awake. With one call per turn, each call also pays for waking threads
+    that slept while the previous candidate ran (on this project's VMs up to 1 ms after a few ms idle)."""
+    if burst < 1:
+        raise ValueError(f"burst must be at least 1, got {burst}")
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            if burst > 1:
+                fn()
+            for _ in range(burst):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: Timing(min(s), statistics.median(s), max(s)) for name, s in samples.items()}
 
 

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import relax
 
-from sparsecc.codegen.kernels.bsr import bsr_linear_kernel, default_knobs, token_tiled_shape
+from sparsecc.codegen.kernels.bsr import (MAX_TASKS, ROW_WORK, bsr_linear_kernel, default_knobs, task_spans,
+                                          token_tiled_shape)
 from sparsecc.codegen.targets import host_target
 from sparsecc.ops import ACTIVATIONS, pack_blocks
 
@@ -52,12 +53,16 @@ def pattern(n, k, kind, density, seed, block=(1, 1)):
         occupied[0] = True
     elif kind == "zeros":
         occupied[:] = False
+    elif kind == "skewed":  # rows thin out from 2x the density to none: tasks span very different row counts
+        occupied = torch.rand(n // r, k // c, generator=g) < (2 * density * torch.linspace(1, 0, n // r)).unsqueeze(1)
+    elif kind == "last_rows":
+        occupied[: -2] = False
     return w * occupied.repeat_interleave(r, 0).repeat_interleave(c, 1)
 
 
 @settings(max_examples=20, deadline=None)
-@given(m=st.integers(1, 70), n_blocks=st.integers(1, 12), k_blocks=st.integers(1, 12), block=st.sampled_from(BLOCKS),
-       kind=st.sampled_from(["random", "empty_rows", "single", "dense_rows", "zeros"]),
+@given(m=st.integers(1, 70), n_blocks=st.integers(1, 40), k_blocks=st.integers(1, 12), block=st.sampled_from(BLOCKS),
+       kind=st.sampled_from(["random", "empty_rows", "single", "dense_rows", "zeros", "skewed", "last_rows"]),
        density=st.floats(0.01, 1.0), with_bias=st.booleans(), seed=st.integers(0, 1000))
 def test_kernel_matches_dense(m, n_blocks, k_blocks, block, kind, density, with_bias, seed):
     n, k = n_blocks * block[0], k_blocks * block[1]
@@ -65,6 +70,23 @@ def test_kernel_matches_dense(m, n_blocks, k_blocks, block, kind, density, with_
     x = torch.randn(m, k)
     bias = torch.randn(n) if with_bias else None
     torch.testing.assert_close(run_kernel(x, w, bias, block), reference(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["skewed", "last_rows", "single"])
+@pytest.mark.parametrize("block", [(1, 1), (4, 1)])
+def test_tasks_split_uneven_rows_by_work(kind, block):
+    """Weights tall enough for MAX_TASKS tasks, rows of very uneven length, both loop orders."""
+    n, k = 64 * 8 * block[0], 96
+    w = pattern(n, k, kind, 0.2, 3, block)
+    x = torch.randn(40, k)
+    torch.testing.assert_close(run_kernel(x, w, None, block), reference(x, w, None), rtol=1e-5, atol=1e-5)
+    per_row = (w != 0).reshape(n // block[0], block[0], k).any(dim=1).sum(dim=1)
+    spans = task_spans(per_row, block, MAX_TASKS)
+    work = (per_row + ROW_WORK) * block[0]  # per block-row, in the kernel's units (c = 1)
+    per_task = torch.stack([work[a:b].sum() for a, b in zip(spans[:-1], spans[1:])])
+    assert spans[0] == 0 and spans[-1] == n // block[0] and bool((spans[1:] >= spans[:-1]).all())
+    # No task holds more than an equal share plus one block-row, whatever the rows look like.
+    assert int(per_task.max()) <= int(work.sum()) / MAX_TASKS + int(work.max())
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])

@@ -6,9 +6,12 @@ Layout, and why:
   tokens, which is broadcast + vector FMA. A gather along K in row-major x would be scalar.
 - Each loaded run of x^T is reused by the r rows of a block; block loops are unrolled so the accumulators
   have constant indices and stay in registers (unrolling halved the time at 768x768).
-- A task owns `rows` consecutive output rows (several block-rows when blocks are short). Their outputs
-  collect in a small buffer and go back to y as `rows` contiguous values per token; storing y[m, n] from each
-  row is one strided store per token.
+- Tasks own runs of consecutive block-rows holding equal work (stored blocks plus a per-row cost, found by a
+  binary search over indptr at the start of each task), so threads are balanced by non-zeros rather than by rows:
+  TVM hands each thread a contiguous run of tasks, and with equal-row tasks a weight whose rows thin out from top
+  to bottom left one thread with most of the work. A task goes through its block-rows `rows` output rows at a
+  time; their outputs collect in a small buffer and go back to y as `rows` contiguous values per token; storing
+  y[m, n] from each row is one strided store per token.
 - Loop order: "token-outer" runs the token tiles outside the parallel loop, so all threads share one 32-token
   slice of x^T at a time. With the token-tiled layout it only paid once x^T overflows L2 (5 % at K = 3072) and
   cost 10-30 % at K = 768; `prefers_token_outer` decides unless the caller does.
@@ -27,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from tvm.script import tirx as T
 
 # Bump when the generated code changes for the same knobs: tuning results stored for an older template are
 # then ignored (the tuning database keys on it).
 TEMPLATE = "bsr_linear"
-TEMPLATE_VERSION = 6
+TEMPLATE_VERSION = 7
 
 # Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128 for 1-row blocks.
 TOKEN_TILE = 32
@@ -42,6 +46,13 @@ TOKEN_TILE = 32
 STACK_LIMIT_BYTES = 1024
 # Output rows a task writes back together: 8 fp32 values make a 32-byte run per token.
 ROWS_PER_TASK = 8
+# A row's fixed cost (accumulator set-up, reduction, epilogue, write-back) in units of one stored value's
+# multiply-adds: about 30 cycles per row and token tile against 2.5 per value at 3072x768, 128 tokens.
+ROW_WORK = 12
+# At most this many tasks per kernel: enough for work-balanced spans to even out, few enough that each task's
+# binary search costs nothing (one task per 8 rows cost 3-6 % at BERT shapes). 48 divides evenly among 1, 2, 3, 4,
+# 6, 8, 12, 16, 24 and 48 threads, as TVM hands each thread ceil(tasks / threads) consecutive tasks.
+MAX_TASKS = 48
 # Columns of x transposed together: 16 fp32 values fill one 64-byte cache line.
 TRANSPOSE_STRIP = 16
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
@@ -86,8 +97,8 @@ class KernelKnobs:
 
     token_tile: tokens per vector run (a power of two; clipped to the token count). The accumulators,
         chains * r * token_tile values, must stay below STACK_LIMIT_BYTES (see `fits`).
-    rows_per_task: output rows one parallel task owns (whole block-rows, at least one); also the
-        thread split: tasks = n / rows_per_task.
+    rows_per_task: output rows a task computes and writes back together (whole block-rows, at least one); also
+        the number of tasks, n / rows_per_task, each owning an equal share of the work.
     token_outer: token tiles outside the parallel loop (all threads share one slice of x^T) or inside it.
     chains: independent accumulator sets the non-zeros of a row are spread over (hides FMA latency).
     """
@@ -119,6 +130,24 @@ def default_knobs(m: int, n: int, k: int, block: tuple[int, int], dtype: str) ->
     return knobs
 
 
+def task_count(n: int, block: tuple[int, int], rows_per_task: int) -> int:
+    """Parallel tasks of the kernel for an n-row weight: one per `rows_per_task` rows, at most MAX_TASKS."""
+    block_rows = n // block[0]
+    group = max(1, rows_per_task // block[0])
+    return min((block_rows + group - 1) // group, MAX_TASKS)
+
+
+def task_spans(blocks_per_row: torch.Tensor, block: tuple[int, int], tasks: int) -> torch.Tensor:
+    """The block-row where each task starts, and the end (tasks + 1 values), as the kernel finds them: task t starts
+    at the first block-row whose work prefix (stored values plus ROW_WORK per row) reaches t / tasks of the total."""
+    r, c = block
+    rows = torch.arange(len(blocks_per_row) + 1, dtype=torch.int64)
+    stored = torch.nn.functional.pad(blocks_per_row.to(torch.int64).cumsum(0), (1, 0))
+    prefix = stored * (r * c) + rows * (r * ROW_WORK)
+    targets = prefix[-1] * torch.arange(tasks + 1, dtype=torch.int64)
+    return torch.searchsorted(prefix * tasks, targets, side="left")
+
+
 def token_tiled_shape(m: int, width: int, tile: int) -> tuple[int, int, int]:
     """The kernel's own layout of an (m, width) activation: (token tiles, width, tile), tokens past m zero-padded
     on input. A kernel that feeds another sparse kernel can write its output this way, and the next one then
@@ -148,39 +177,58 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     tile = min(knobs.token_tile, m)
     m_outer = (m + tile - 1) // tile
     block_rows = n // r
-    group = max(1, knobs.rows_per_task // r)  # block-rows per task
-    tasks = (block_rows + group - 1) // group
+    group = max(1, knobs.rows_per_task // r)  # block-rows computed together
+    tasks = task_count(n, block, knobs.rows_per_task)
+    search_steps = block_rows.bit_length() + 1
     rows = group * r
     res_shape = (m, n) if residual else (1, 1)
     k_strips = (k + TRANSPOSE_STRIP - 1) // TRANSPOSE_STRIP
     x_shape = token_tiled_shape(m, k, tile) if x_tiled else (m, k)
     y_shape = token_tiled_shape(m, n, tile) if y_tiled else (m, n)
 
+    def work(P, b):
+        return T.cast(P[b], "int64") * (r * c) + T.cast(b, "int64") * (r * ROW_WORK)
+
     @T.macro
-    def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, task):
+    def task_span(P, task, span):
+        # span[s] = the first block-row whose work prefix reaches (task + s) / tasks of the total. The prefix grows
+        # strictly with the row (ROW_WORK > 0), so task + s = tasks lands exactly on block_rows.
+        for s in T.unroll(2):
+            span[s] = 0
+            span[2] = block_rows
+            for _ in T.serial(search_steps):
+                if span[s] < span[2]:
+                    if work(P, (span[s] + span[2]) // 2) * tasks < work(P, block_rows) * (task + s):
+                        span[s] = (span[s] + span[2]) // 2 + 1
+                    else:
+                        span[2] = (span[s] + span[2]) // 2
+
+    @T.macro
+    def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, first, end):
+        # Block-rows first .. first + group - 1 that lie before `end`, for token tile mo.
         # "global" scope: TVM keeps a CPU allocation on the stack only in that scope and under STACK_LIMIT_BYTES
         # (an annotation asking for it did not reach the allocation in TVM 0.27).
         out = T.alloc_local((rows, tile), dtype, scope="global")
         acc = T.alloc_local((chains, r, tile), dtype, scope="global")
         for g in T.serial(group):
-            if task * group + g < block_rows:
+            if first + g < end:
                 for q in T.unroll(chains):
                     for i in T.unroll(r):
                         for t in T.vectorized(tile):
-                            acc[q, i, t] = T.if_then_else(q == 0, B[(task * group + g) * r + i], T.cast(0, dtype))
-                for e in T.serial((P[task * group + g + 1] - P[task * group + g]) // chains):
+                            acc[q, i, t] = T.if_then_else(q == 0, B[(first + g) * r + i], T.cast(0, dtype))
+                for e in T.serial((P[first + g + 1] - P[first + g]) // chains):
                     for q in T.unroll(chains):
                         for j in T.unroll(c):
                             for i in T.unroll(r):
                                 for t in T.vectorized(tile):
-                                    acc[q, i, t] = acc[q, i, t] + V[P[task * group + g] + e * chains + q, i, j] * XT[
-                                        mo, T.cast(J[P[task * group + g] + e * chains + q], "int32") * c + j, t]
-                for e in T.serial((P[task * group + g + 1] - P[task * group + g]) % chains):
+                                    acc[q, i, t] = acc[q, i, t] + V[P[first + g] + e * chains + q, i, j] * XT[
+                                        mo, T.cast(J[P[first + g] + e * chains + q], "int32") * c + j, t]
+                for e in T.serial((P[first + g + 1] - P[first + g]) % chains):
                     for j in T.unroll(c):
                         for i in T.unroll(r):
                             for t in T.vectorized(tile):
-                                acc[0, i, t] = acc[0, i, t] + V[P[task * group + g + 1] - (P[task * group + g + 1] - P[task * group + g]) % chains + e, i, j] * XT[
-                                    mo, T.cast(J[P[task * group + g + 1] - (P[task * group + g + 1] - P[task * group + g]) % chains + e],
+                                acc[0, i, t] = acc[0, i, t] + V[P[first + g + 1] - (P[first + g + 1] - P[first + g]) % chains + e, i, j] * XT[
+                                    mo, T.cast(J[P[first + g + 1] - (P[first + g + 1] - P[first + g]) % chains + e],
                                           "int32") * c + j, t]
                 for q in T.unroll(chains - 1):
                     for i in T.unroll(r):
@@ -203,20 +251,20 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
             # Token tiles past m hold values computed from x's zero padding; the next kernel's padded tokens are
             # never written back, so they need not be zero.
             for i in T.serial(rows):
-                if task * rows + i < n:
+                if first * r + i < end * r:
                     for t in T.vectorized(tile):
                         if residual:
-                            Y[mo, task * rows + i, t] = out[i, t] + R[T.min(mo * tile + t, m - 1), task * rows + i]
+                            Y[mo, first * r + i, t] = out[i, t] + R[T.min(mo * tile + t, m - 1), first * r + i]
                         else:
-                            Y[mo, task * rows + i, t] = out[i, t]
+                            Y[mo, first * r + i, t] = out[i, t]
         else:
             for t in T.serial(tile):
                 for i in T.serial(rows):
-                    if mo * tile + t < m and task * rows + i < n:
+                    if mo * tile + t < m and first * r + i < end * r:
                         if residual:
-                            Y[mo * tile + t, task * rows + i] = out[i, t] + R[mo * tile + t, task * rows + i]
+                            Y[mo * tile + t, first * r + i] = out[i, t] + R[mo * tile + t, first * r + i]
                         else:
-                            Y[mo * tile + t, task * rows + i] = out[i, t]
+                            Y[mo * tile + t, first * r + i] = out[i, t]
 
     @T.macro
     def transpose(X, XT):
@@ -238,11 +286,17 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
         if token_outer:
             for mo in T.serial(m_outer):
                 for task in T.parallel(tasks):
-                    rows_times_tile(X, P, J, V, B, R, Y, XT, mo, task)
+                    span = T.alloc_local((3,), "int32", scope="global")
+                    task_span(P, task, span)
+                    for part in T.serial((span[1] - span[0] + group - 1) // group):
+                        rows_times_tile(X, P, J, V, B, R, Y, XT, mo, span[0] + part * group, span[1])
         else:
             for task in T.parallel(tasks):
-                for mo in T.serial(m_outer):
-                    rows_times_tile(X, P, J, V, B, R, Y, XT, mo, task)
+                span = T.alloc_local((3,), "int32", scope="global")
+                task_span(P, task, span)
+                for part in T.serial((span[1] - span[0] + group - 1) // group):
+                    for mo in T.serial(m_outer):
+                        rows_times_tile(X, P, J, V, B, R, Y, XT, mo, span[0] + part * group, span[1])
 
     @T.prim_func(private=True)
     def kernel(x: T.handle, indptr: T.handle, indices: T.handle, values: T.handle, bias: T.handle, res: T.handle,
