@@ -98,7 +98,7 @@ class KernelKnobs:
     token_tile: tokens per vector run (a power of two; clipped to the token count). The accumulators,
         chains * r * token_tile values, must stay below STACK_LIMIT_BYTES (see `fits`).
     rows_per_task: output rows a task computes and writes back together (whole block-rows, at least one); also
-        the number of tasks, n / rows_per_task, each owning an equal share of the work.
+        sets the number of tasks, n / rows_per_task up to MAX_TASKS, each owning an equal share of the work.
     token_outer: token tiles outside the parallel loop (all threads share one slice of x^T) or inside it.
     chains: independent accumulator sets the non-zeros of a row are spread over (hides FMA latency).
     """
