@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import fx
 
-from sparsecc.codegen.kernels.bsr import ROW_WORK, ROWS_PER_TASK, task_count, task_spans
+from sparsecc.codegen.kernels.bsr import ROWS_PER_TASK, task_count, task_spans, work_prefix
 from sparsecc.codegen.targets import resolve_threads
 from sparsecc.formats import BlockStats, WeightSparsity, WeightUse
 from sparsecc.passes.fold_constants import LAYOUT, ORIGIN
@@ -102,10 +102,9 @@ def imbalance(per_block_row: torch.Tensor, block: tuple[int, int], threads: int)
     stays uneven is what one block-row holds: a row with most of the non-zeros cannot be split."""
     if threads <= 1 or int(per_block_row.sum()) == 0:
         return 1.0
-    r, c = block
-    tasks = task_count(len(per_block_row) * r, block, ROWS_PER_TASK)
-    spans = task_spans(per_block_row, block, tasks)
-    work = torch.nn.functional.pad((per_block_row.to(torch.int64) * (r * c) + r * ROW_WORK).cumsum(0), (1, 0))
+    tasks = task_count(len(per_block_row) * block[0], block, ROWS_PER_TASK)
+    work = work_prefix(per_block_row, block)
+    spans = task_spans(work, tasks)
     per_task = work[spans[1:]] - work[spans[:-1]]
     per_thread = -(-tasks // threads)
     pad = (-tasks) % per_thread

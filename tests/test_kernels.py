@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tvm import relax
 
 from sparsecc.codegen.kernels.bsr import (MAX_TASKS, ROW_WORK, bsr_linear_kernel, default_knobs, task_spans,
-                                          token_tiled_shape)
+                                          token_tiled_shape, work_prefix)
 from sparsecc.codegen.targets import host_target
 from sparsecc.ops import ACTIVATIONS, pack_blocks
 
@@ -81,7 +81,7 @@ def test_tasks_split_uneven_rows_by_work(kind, block):
     x = torch.randn(40, k)
     torch.testing.assert_close(run_kernel(x, w, None, block), reference(x, w, None), rtol=1e-5, atol=1e-5)
     per_row = (w != 0).reshape(n // block[0], block[0], k).any(dim=1).sum(dim=1)
-    spans = task_spans(per_row, block, MAX_TASKS)
+    spans = task_spans(work_prefix(per_row, block), MAX_TASKS)
     work = (per_row + ROW_WORK) * block[0]  # per block-row, in the kernel's units (c = 1)
     per_task = torch.stack([work[a:b].sum() for a, b in zip(spans[:-1], spans[1:])])
     assert spans[0] == 0 and spans[-1] == n // block[0] and bool((spans[1:] >= spans[:-1]).all())

@@ -137,13 +137,18 @@ def task_count(n: int, block: tuple[int, int], rows_per_task: int) -> int:
     return min((block_rows + group - 1) // group, MAX_TASKS)
 
 
-def task_spans(blocks_per_row: torch.Tensor, block: tuple[int, int], tasks: int) -> torch.Tensor:
-    """The block-row where each task starts, and the end (tasks + 1 values), as the kernel finds them: task t starts
-    at the first block-row whose work prefix (stored values plus ROW_WORK per row) reaches t / tasks of the total."""
+def work_prefix(blocks_per_row: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The kernel's work before each block-row, and the total (rows + 1 values): stored values plus ROW_WORK per row,
+    as the kernel's own `work` computes it from indptr."""
     r, c = block
     rows = torch.arange(len(blocks_per_row) + 1, dtype=torch.int64)
     stored = torch.nn.functional.pad(blocks_per_row.to(torch.int64).cumsum(0), (1, 0))
-    prefix = stored * (r * c) + rows * (r * ROW_WORK)
+    return stored * (r * c) + rows * (r * ROW_WORK)
+
+
+def task_spans(prefix: torch.Tensor, tasks: int) -> torch.Tensor:
+    """The block-row where each task starts, and the end (tasks + 1 values), as the kernel finds them: task t starts
+    at the first block-row whose `work_prefix` reaches t / tasks of the total."""
     targets = prefix[-1] * torch.arange(tasks + 1, dtype=torch.int64)
     return torch.searchsorted(prefix * tasks, targets, side="left")
 
