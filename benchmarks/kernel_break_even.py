@@ -10,7 +10,7 @@ import torch, tvm, warnings, time, statistics
 warnings.simplefilter("ignore")
 import sparsecc.codegen.targets as targets
 from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
-from sparsecc.ops import pack_blocks
+from sparsecc.packing import pack_blocks
 torch.manual_seed(0)
 blocks = [(1, 1), (1, 4), (4, 1), (8, 1), (16, 1), (4, 4), (8, 8)]
 print("block  " + "  ".join(f"{n}x{k}" for n, k in [(768, 768), (3072, 768), (768, 3072)]) + "   break-even (mean)")

@@ -25,7 +25,7 @@ result = {}
 with torch.no_grad():
     if sys.argv[1] == "sparsecc":
         import sparsecc
-        from sparsecc.ops import pack_blocks
+        from sparsecc.packing import pack_choice
         compiled = torch.compile(model, backend="sparsecc")
         for _ in range(3):
             compiled(ids)
@@ -36,7 +36,7 @@ with torch.no_grad():
                 continue
             weight = model.get_parameter(plan.weights[key].name).detach()
             dense += weight.numel() * weight.element_size()
-            packed += sum(t.numel() * t.element_size() for t in pack_blocks(weight, choice.block or (1, 1)))
+            packed += sum(t.numel() * t.element_size() for t in pack_choice(weight, choice))
         result.update(dense_bytes=dense, packed_bytes=packed, packed_over_dense=round(packed / dense, 3))
     else:
         for _ in range(3):

@@ -17,7 +17,8 @@ from tvm import relax
 from sparsecc.codegen.kernels.bsr import ACTIVATIONS as KERNEL_ACTIVATIONS
 from sparsecc.codegen.kernels.bsr import KernelKnobs, bsr_linear_kernel, default_knobs, token_tiled_shape
 from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
-from sparsecc.passes.graph_utils import RESHAPE_OPS, shape_dtype
+from sparsecc.packing import uniform_row_blocks
+from sparsecc.passes.graph_utils import RESHAPE_OPS, constant_of, shape_dtype
 
 aten = torch.ops.aten
 
@@ -111,32 +112,45 @@ class SparseLinearSpec:
     residual: bool
     column_dtype: str
     index_dtype: str = "int32"
+    # Blocks in every block-row when all rows store the same number (ELL, or pruned evenly): baked into the kernel.
+    row_blocks: int | None = None
 
     @classmethod
     def of(cls, node: fx.Node) -> "SparseLinearSpec":
         x, indptr, indices, values, bias, out_features, activation, residual = sparse_linear_args(node.args)
         (m, k), dtype = shape_dtype(x)
         return cls(m, out_features, k, tuple(shape_dtype(values)[0][1:]), dtype_name(dtype), activation,
-                   residual is not None, dtype_name(shape_dtype(indices)[1]), dtype_name(shape_dtype(indptr)[1]))
+                   residual is not None, dtype_name(shape_dtype(indices)[1]), dtype_name(shape_dtype(indptr)[1]),
+                   _row_blocks(indptr))
 
     @property
     def key(self) -> tuple:
         return ("sparse_linear", self.m, self.n, self.k, self.block, self.dtype, self.activation, self.residual,
-                self.column_dtype)
+                self.column_dtype, self.row_blocks)
 
     @property
     def name(self) -> str:
         fmt = "csr" if self.block == (1, 1) else f"bsr{self.block[0]}x{self.block[1]}"
+        rows = "" if self.row_blocks is None else f"_ell{self.row_blocks}"
         epilogue = ("" if self.activation == "none" else f"_{self.activation}") + ("_residual" if self.residual else "")
-        return f"{fmt}_linear_{self.m}x{self.n}x{self.k}_{self.dtype}{epilogue}"
+        return f"{fmt}{rows}_linear_{self.m}x{self.n}x{self.k}_{self.dtype}{epilogue}"
 
     def kernel(self, knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False):
         return bsr_linear_kernel(self.m, self.n, self.k, self.block, self.dtype, self.activation, self.residual,
-                                 self.index_dtype, self.column_dtype, knobs=knobs, x_tiled=x_tiled, y_tiled=y_tiled)
+                                 self.index_dtype, self.column_dtype, knobs=knobs, x_tiled=x_tiled, y_tiled=y_tiled,
+                                 row_blocks=self.row_blocks)
 
     def token_tile(self, knobs: KernelKnobs | None) -> int:
         knobs = knobs or default_knobs(self.m, self.n, self.k, self.block, self.dtype)
         return min(knobs.token_tile, self.m)
+
+
+def _row_blocks(indptr: Any) -> int | None:
+    """`uniform_row_blocks` of the packed weight when it is a constant of the node's own graph. A weight that reaches
+    the region as an input (shared with another region) keeps the general kernel: only speed differs."""
+    if isinstance(indptr, fx.Node) and indptr.op == "get_attr" and indptr.graph.owning_module is not None:
+        return uniform_row_blocks(constant_of(indptr.graph.owning_module, indptr))
+    return None
 
 
 # node.meta key under which codegen/tuning.py leaves the tuned KernelKnobs of a sparse_linear node.

@@ -177,14 +177,17 @@ class KernelTask:
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, tokens: int, block: tuple[int, int] = (1, 1),
-                    bias: torch.Tensor | None = None, activation: str = "none", residual: bool = False) -> "KernelTask":
-        """A task for `weight` (out x in, dense with zeros) applied to `tokens` rows, packed like the rewrite does."""
-        from sparsecc.ops import pack_blocks
+                    bias: torch.Tensor | None = None, activation: str = "none", residual: bool = False,
+                    ell: bool = False) -> "KernelTask":
+        """A task for `weight` (out x in, dense with zeros) applied to `tokens` rows, packed like the rewrite does
+        (`ell`: block-rows padded to one length)."""
+        from sparsecc.packing import pack_blocks, pack_ell, uniform_row_blocks
 
-        indptr, indices, values = pack_blocks(weight, block)
+        indptr, indices, values = (pack_ell if ell else pack_blocks)(weight, block)
         spec = SparseLinearSpec(tokens, weight.shape[0], weight.shape[1], tuple(block),
                                 str(weight.dtype).removeprefix("torch."), activation, residual,
-                                str(indices.dtype).removeprefix("torch."), str(indptr.dtype).removeprefix("torch."))
+                                str(indices.dtype).removeprefix("torch."), str(indptr.dtype).removeprefix("torch."),
+                                uniform_row_blocks(indptr))
         return cls(spec, indptr, indices, values, bias)
 
     @property

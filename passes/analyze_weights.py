@@ -68,6 +68,7 @@ def describe_weight(name: str, tensor: torch.Tensor, right: bool, uses: tuple[We
                     threads: int) -> WeightSparsity:
     """What analysis records of one weight. `right`: the weight is stored (in, out), as x @ W takes it."""
     matrix = (tensor.t() if right else tensor) if tensor.dim() == 2 else None
+    per_row = (matrix != 0).sum(dim=1) if matrix is not None else None
     return WeightSparsity(
         name=name,
         shape=tuple(tensor.shape),
@@ -78,7 +79,8 @@ def describe_weight(name: str, tensor: torch.Tensor, right: bool, uses: tuple[We
         blocks=block_stats(matrix, threads) if matrix is not None else (),
         nm=nm_stats(matrix) if matrix is not None else (),
         matrix=tuple(matrix.shape) if matrix is not None else (),
-        imbalance=imbalance((matrix != 0).sum(dim=1), (1, 1), threads) if matrix is not None else 1.0,
+        imbalance=imbalance(per_row, (1, 1), threads) if per_row is not None else 1.0,
+        row_max=int(per_row.max()) if per_row is not None and len(per_row) else 0,
     )
 
 

@@ -19,7 +19,8 @@ from typing import Callable
 from torch import fx
 
 from sparsecc.cost_model import MachineModel, predict_dense, predict_sparse
-from sparsecc.formats import FormatChoice, SparseFormat, SparsePlan, WeightSparsity, candidate_block, candidate_name
+from sparsecc.formats import (ELL_CANDIDATE, FormatChoice, SparseFormat, SparsePlan, WeightSparsity, candidate_block,
+                              candidate_format, candidate_name)
 from sparsecc.passes.analyze_weights import analysed_weights, as_matrix
 from sparsecc.passes.graph_utils import constant_of
 from sparsecc.progress import progress_bar
@@ -44,6 +45,9 @@ CSR_BREAK_EVEN = 0.3
 # than PyTorch's GEMM (64x4096 at 512 tokens, 99 % sparse: the same 1x4 kernel 1.5-3.0 ms, dense 1.4-1.7 ms), and
 # a tie given to sparse is how a plan ends up slower than dense.
 MEASURED_MIN_GAIN = 1.05
+# ELL is offered when padding every row to the longest stores at most this many times the non-zeros: its constant
+# row length saved 3-6 % over CSR's kernel at BERT shapes (docs/benchmarks.md, "ELL"), which more padding loses.
+ELL_MAX_PADDING = 1.1
 # Token count assumed for a use whose graph does not carry shapes (symbolic tracing).
 UNKNOWN_TOKENS = 128
 
@@ -139,19 +143,22 @@ def choose_format(w: WeightSparsity, settings: Settings,
         return dense(f"also used by {', '.join(other)}, which has no sparse kernel yet")
     if w.numel < settings.min_weight_numel:
         return dense(f"{w.numel} elements < min_weight_numel {settings.min_weight_numel}")
-    if w.nnz == 0 and allowed((1, 1), settings.formats):
+    if w.nnz == 0 and allowed("csr", settings.formats):
         return FormatChoice(SparseFormat.CSR, None, 0.0, "all zeros")
-    stored = {(1, 1): (w.nnz, w.imbalance)}
+    # Per candidate: (stored blocks, thread balance).
+    stored = {"csr": (w.nnz, w.imbalance)}
     if settings.csr_max_density is not None and w.density > settings.csr_max_density:
-        stored.pop((1, 1))
+        stored.pop("csr")
+    elif w.ell_stored and (ELL_CANDIDATE in (settings.formats or ()) or w.nnz < w.ell_stored <= ELL_MAX_PADDING * w.nnz):
+        stored[ELL_CANDIDATE] = (w.ell_stored, 1.0)
     csr_cap = CSR_BREAK_EVEN if settings.csr_max_density is None else settings.csr_max_density
-    stored.update({(b.rows, b.cols): (b.blocks, b.imbalance) for b in w.blocks})
-    stored = {b: v for b, v in stored.items() if allowed(b, settings.formats)}
+    stored.update({candidate_name((b.rows, b.cols)): (b.blocks, b.imbalance) for b in w.blocks})
+    stored = {name: v for name, v in stored.items() if allowed(name, settings.formats)}
     forced = settings.formats is not None and "dense" not in settings.formats
     if machine is None and settings.cost_model == "break-even":
-        limits = {**BSR_BREAK_EVEN, (1, 1): csr_cap}
-        relative = {b: _stored_fraction(w, b, blocks) / limits[b] if limits[b] else float("inf")
-                    for b, (blocks, _) in stored.items() if b in limits}
+        limits = {**{candidate_name(b): t for b, t in BSR_BREAK_EVEN.items()}, "csr": csr_cap, ELL_CANDIDATE: csr_cap}
+        relative = {name: _stored_fraction(w, name, blocks) / limits[name] if limits[name] else float("inf")
+                    for name, (blocks, _) in stored.items() if name in limits}
         predictions: dict[str, float] = {}
         timing = "time relative to dense: stored fraction over the measured break-even"
     else:
@@ -163,67 +170,67 @@ def choose_format(w: WeightSparsity, settings: Settings,
             seconds = measure(finalists(predictions))
             if seconds:
                 measured.update({name: round(t * 1e6, 2) for name, t in seconds.items()})
-                relative = {candidate_block(name): t / seconds["dense"] for name, t in seconds.items()
-                            if name != "dense"}
+                relative = {name: t / seconds["dense"] for name, t in seconds.items() if name != "dense"}
                 timing = f"measured here, dense {seconds['dense'] * 1e6:.0f} us; predicted {timing}"
     if not relative:
         allowing = f"formats={list(settings.formats)} allows" if settings.formats is not None else "there is"
         return dense(f"{allowing} no sparse format that fits this weight", predictions)
-    others = ", ".join(f"{candidate_name(b)} {t:.2f}x" for b, t in sorted(relative.items(), key=lambda kv: kv[1]))
+    others = ", ".join(f"{name} {t:.2f}x" for name, t in sorted(relative.items(), key=lambda kv: kv[1]))
     # N:M weights run on the same kernels: at 2:4's 50 % density no sparse kernel measured faster than dense here
-    # (benchmarks/kernel_break_even.py), so the pattern only says why such a weight is, or is not, sparse.
+    # (benchmarks/kernel_break_even.py), so the pattern only says why such a weight is, or is not, sparse. Pruned to
+    # exactly n of every m, their rows are of one length, and the CSR kernel takes that length as a constant.
     nm = w.nm_label()
     if nm is not None:
         others += f"; {nm} structured, run as its density allows"
-    eligible = {b: t for b, t in relative.items()
+    eligible = {name: t for name, t in relative.items()
                 if forced or not predictions or measured
-                or _stored_fraction(w, b, stored[b][0]) <= MAX_STORED_DENSITY.get(b, 0.0)}
+                or _stored_fraction(w, name, stored[name][0]) <= MAX_STORED_DENSITY.get(candidate_block(name), 0.0)}
     if not eligible:
         return dense(f"density {w.density:.3f}: every sparse format would store more than its break-even fraction "
                      f"(csr {MAX_STORED_DENSITY[(1, 1)]:.2f}; {timing}; {others})", predictions)
-    block, est = min(eligible.items(), key=lambda kv: (kv[1], kv[0] != (1, 1)))
+    name, est = min(eligible.items(), key=lambda kv: (kv[1], kv[0] != "csr"))
     verb = "measured" if measured else "predicted"
-    fmt = SparseFormat.CSR if block == (1, 1) else SparseFormat.BSR
-    chosen = None if block == (1, 1) else block
+    fmt = candidate_format(name)
+    chosen = candidate_block(name) if fmt is SparseFormat.BSR else None
     if forced:
-        return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {candidate_name(block)} forced by formats="
+        return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {name} forced by formats="
                             f"{list(settings.formats)}, {verb} at {est:.2f}x dense ({timing}; {others})", predictions,
                             measured)
     gain = max(settings.min_gain, MEASURED_MIN_GAIN) if measured else settings.min_gain
     if est * gain >= 1.0:
         wanted = "faster than dense" if gain == 1.0 else f"{gain:.2f}x faster than dense"
         return dense(f"density {w.density:.3f}: no sparse format {verb} {wanted} ({timing}; {others})", predictions)
-    return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {candidate_name(block)} {verb} at {est:.2f}x dense "
+    return FormatChoice(fmt, chosen, est, f"density {w.density:.3f}: {name} {verb} at {est:.2f}x dense "
                         f"({timing}; {others})", predictions, measured)
 
 
-def _stored_fraction(w: WeightSparsity, block: tuple[int, int], blocks: int) -> float:
-    """The fraction of the weight's r x c blocks that a format storing `blocks` of them keeps."""
-    return blocks / max(1, w.numel // (block[0] * block[1]))
+def _stored_fraction(w: WeightSparsity, name: str, blocks: int) -> float:
+    """The fraction of the weight's blocks that candidate `name`, storing `blocks` of them, keeps."""
+    r, c = candidate_block(name)
+    return blocks / max(1, w.numel // (r * c))
 
 
 def _predict(w: WeightSparsity, stored: dict, machine: MachineModel | Callable[[], MachineModel]):
-    """(time relative to dense per block shape, predicted microseconds per candidate, a note on the dense time)."""
+    """(time relative to dense per candidate, predicted microseconds per candidate, a note on the dense time)."""
     model = machine() if callable(machine) else machine
     n, k = w.matrix or w.shape
     tokens = _tokens(w)
     assumed = "" if any(u.tokens > 0 for u in w.uses) else f"; token count unknown, {UNKNOWN_TOKENS} assumed"
     dense_s = sum(predict_dense(model, n, k, t, w.dtype) for t in tokens)
     sparse_s = {}
-    for block, (blocks, spread) in stored.items():
-        times = [predict_sparse(model, n, k, t, block, blocks, spread, w.dtype) for t in tokens]
+    for name, (blocks, spread) in stored.items():
+        times = [predict_sparse(model, n, k, t, candidate_block(name), blocks, spread, w.dtype) for t in tokens]
         if all(t is not None for t in times):
-            sparse_s[block] = sum(times)
-    predictions = {"dense": round(dense_s * 1e6, 2),
-                   **{candidate_name(b): round(t * 1e6, 2) for b, t in sparse_s.items()}}
+            sparse_s[name] = sum(times)
+    predictions = {"dense": round(dense_s * 1e6, 2), **{name: round(t * 1e6, 2) for name, t in sparse_s.items()}}
     timing = f"dense {dense_s * 1e6:.0f} us at {'+'.join(map(str, tokens))} tokens{assumed}"
-    return {b: t / dense_s for b, t in sparse_s.items()}, predictions, timing
+    return {name: t / dense_s for name, t in sparse_s.items()}, predictions, timing
 
 
-def allowed(block: tuple[int, int], formats: tuple[str, ...] | None) -> bool:
-    """Whether the `formats` option lets the planner store a weight in `block`-shaped blocks ((1, 1): CSR)."""
+def allowed(name: str, formats: tuple[str, ...] | None) -> bool:
+    """Whether the `formats` option lets the planner use candidate `name` ("csr", "ell", "bsrRxC")."""
     if formats is None:
         return True
-    if block == (1, 1):
-        return "csr" in formats
-    return "bsr" in formats or candidate_name(block) in formats
+    if name in ("csr", ELL_CANDIDATE):
+        return name in formats
+    return "bsr" in formats or name in formats

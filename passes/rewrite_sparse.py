@@ -4,7 +4,8 @@
     mm(W, x) / addmm(b, W, x)     (weight on the left, W is (N, K))          ->  sparse_linear(x^T, W)^T (+ b)
 
 The bias is fused into the op when it is a vector of the output width; other broadcasts stay an add.
-W is packed in the planned format: CSR is BSR with 1 x 1 blocks. Packed arrays are graph constants, shared
+W is packed in the planned format (sparsecc/packing.py): CSR is BSR with 1 x 1 blocks, ELL is CSR with rows padded to
+one length. Packed arrays are graph constants, shared
 when one weight is used in several places.
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import fx
 
 from sparsecc.formats import SparseFormat, SparsePlan
-from sparsecc.ops import pack_blocks
+from sparsecc.packing import pack_choice
 from sparsecc.passes.graph_utils import add_constant, constant_of, drop_unused_constants, shape_dtype
 from sparsecc.settings import Settings
 
@@ -27,7 +28,7 @@ REWRITTEN = "sparsecc_rewritten"  # node.meta key on each sparse_linear node: th
 
 
 def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> fx.GraphModule:
-    blocks = {k: c.block or (1, 1) for k, c in plan.choices.items() if c.format is not SparseFormat.DENSE}
+    chosen = {k: c for k, c in plan.choices.items() if c.format is not SparseFormat.DENSE}
     packed: dict[tuple[str, bool], tuple[fx.Node, fx.Node, fx.Node]] = {}
     count = 0
     for node in list(gm.graph.nodes):
@@ -40,8 +41,8 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
         else:
             bias, (a, b) = None, node.args[:2]
         for weight, x, on_right in ((b, a, True), (a, b, False)):
-            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in blocks:
-                _replace(gm, node, weight, x, bias, on_right, blocks[weight.target], packed)
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in chosen:
+                _replace(gm, node, weight, x, bias, on_right, chosen[weight.target], packed)
                 count += 1
                 break
     drop_unused_constants(gm)
@@ -50,13 +51,13 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
     return gm
 
 
-def _replace(gm, node, weight, x, bias, on_right, block, packed) -> None:
+def _replace(gm, node, weight, x, bias, on_right, choice, packed) -> None:
     tensor = constant_of(gm, weight)
     # sparse_linear wants W as (out, in) rows; a right operand holds W^T.
     key = (weight.target, on_right)
     if key not in packed:
         matrix = tensor.t() if on_right else tensor
-        arrays = pack_blocks(matrix, block)
+        arrays = pack_choice(matrix, choice)
         packed[key] = tuple(
             add_constant(gm, f"{weight.target}_packed_{part}", arr, before=node)
             for part, arr in zip(("indptr", "indices", "values"), arrays)

@@ -156,11 +156,12 @@ class KernelTimer:
         self._built: dict = {}
 
     def seconds(self, weight: torch.Tensor, tokens: int, block: tuple[int, int],
-                activation: str = "none") -> tuple[float, int]:
-        """(seconds, stored blocks) of the kernel on `weight`, checked against the eager reference."""
+                activation: str = "none", ell: bool = False) -> tuple[float, int]:
+        """(seconds, stored blocks) of the kernel on `weight` (`ell`: packed with rows padded to one length),
+        checked against the eager reference."""
         from sparsecc.codegen.tuning import KernelTask, spec_default
 
-        task = KernelTask.from_weight(weight, tokens, block, activation=activation)
+        task = KernelTask.from_weight(weight, tokens, block, activation=activation, ell=ell)
         if task.spec not in self._built:
             self._built[task.spec] = self.runner.build(task.spec, spec_default(task.spec))
         inputs = task.inputs()

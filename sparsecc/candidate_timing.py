@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import torch
 
 import sparsecc
-from sparsecc.formats import candidate_block
+from sparsecc.formats import ELL_CANDIDATE, candidate_block
 from sparsecc.settings import Settings
 from sparsecc.tuning_db import TuningDatabase, TuningKey, TuningRecord
 
@@ -62,17 +62,21 @@ def candidate_seconds(kernels, matrix: torch.Tensor, tokens: int, name: str) -> 
 
     if name == "dense":
         return measure_dense(matrix.shape[0], matrix.shape[1], tokens, matrix.dtype)
-    return kernels.seconds(matrix, tokens, candidate_block(name))[0]
+    return kernels.seconds(matrix, tokens, candidate_block(name), ell=name == ELL_CANDIDATE)[0]
 
 
-def work_signature(matrix: torch.Tensor, block: tuple[int, int], threads: int) -> str:
-    """The work a `block` kernel does on `matrix` (out, in), coarse enough that weights of the same shape pruned
-    alike share it: stored blocks (log buckets of WORK_STEP) and the busiest thread's share over the mean."""
+def work_signature(matrix: torch.Tensor, name: str, threads: int) -> str:
+    """The work candidate `name`'s kernel does on `matrix` (out, in), coarse enough that weights of the same shape
+    pruned alike share it: stored blocks (log buckets of WORK_STEP) and the busiest thread's share over the mean."""
+    from sparsecc.packing import ell_stored_blocks
     from sparsecc.passes.analyze_weights import block_stat
 
-    stats = block_stat(matrix != 0, *block, threads)
-    bucket = round(math.log(stats.blocks) / math.log(WORK_STEP)) if stats.blocks else -1
-    balance = round(stats.imbalance / BALANCE_STEP) * BALANCE_STEP
+    stats = block_stat(matrix != 0, *candidate_block(name), threads)
+    blocks, spread = stats.blocks, stats.imbalance
+    if name == ELL_CANDIDATE:  # padded rows: the stored count is the longest row's times the rows, evenly shared
+        blocks, spread = ell_stored_blocks((matrix != 0).sum(dim=1)), 1.0
+    bucket = round(math.log(blocks) / math.log(WORK_STEP)) if blocks else -1
+    balance = round(spread / BALANCE_STEP) * BALANCE_STEP
     return f"work:{bucket}:{balance:.2f}"
 
 
@@ -99,7 +103,7 @@ class CandidateTimer:
 
     def seconds(self, matrix: torch.Tensor, tokens: Sequence[int], candidates: Sequence[str]) -> dict[str, float]:
         """Measured seconds of each candidate for `matrix` (out, in) summed over its uses' token counts."""
-        work = {name: "any" if name == "dense" else work_signature(matrix, candidate_block(name), self.threads)
+        work = {name: "any" if name == "dense" else work_signature(matrix, name, self.threads)
                 for name in candidates}
         keys = {(name, t): self._key(matrix, work[name], t, name) for name in candidates for t in tokens}
         known: dict[tuple[str, int], float] = {}

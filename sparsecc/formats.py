@@ -12,6 +12,8 @@ class SparseFormat(str, enum.Enum):
     DENSE = "dense"
     CSR = "csr"
     BSR = "bsr"
+    # CSR with every row padded to the longest (ELLPACK): the kernel runs each row a constant number of times.
+    ELL = "ell"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +64,18 @@ class WeightSparsity:
     matrix: tuple[int, ...] = ()
     # Like BlockStats.imbalance, for single non-zeros (CSR).
     imbalance: float = 1.0
+    # Most non-zeros in any row of `matrix`: ELL stores this many per row.
+    row_max: int = 0
 
     def nm_label(self) -> str | None:
         """The tightest N:M pattern at least half sparse (n <= m / 2) that the weight satisfies, e.g. "2:4"."""
         fits = [(n / m, f"{n}:{m}") for n, m in self.nm if 2 * n <= m]
         return min(fits)[1] if fits else None
+
+    @property
+    def ell_stored(self) -> int:
+        """Values an ELL copy stores: every row padded to the longest."""
+        return self.row_max * self.matrix[0] if self.matrix else 0
 
     def block_fill(self, rows: int, cols: int) -> float:
         """Mean fraction of a stored r x c block that is non-zero (1.0 = perfectly block-structured)."""
@@ -87,14 +96,25 @@ class WeightSparsity:
         return self.nnz / self.numel if self.numel else 1.0
 
 
+ELL_CANDIDATE = "ell"
+
+
 def candidate_name(block: tuple[int, int]) -> str:
-    """The name of a sparse candidate in options, plans and reports: "csr" for 1 x 1 blocks, else "bsrRxC"."""
+    """The name of a sparse candidate in options, plans and reports: "csr" for 1 x 1 blocks, else "bsrRxC"; CSR
+    rows padded to one length are "ell"."""
     return "csr" if tuple(block) == (1, 1) else f"bsr{block[0]}x{block[1]}"
 
 
 def candidate_block(name: str) -> tuple[int, int]:
-    """The inverse of `candidate_name`."""
-    return (1, 1) if name == "csr" else tuple(int(v) for v in name.removeprefix("bsr").split("x"))
+    """The block shape a candidate stores: the inverse of `candidate_name`, and (1, 1) for "ell"."""
+    if name in ("csr", ELL_CANDIDATE):
+        return (1, 1)
+    return tuple(int(v) for v in name.removeprefix("bsr").split("x"))
+
+
+def candidate_format(name: str) -> SparseFormat:
+    return {"dense": SparseFormat.DENSE, "csr": SparseFormat.CSR, ELL_CANDIDATE: SparseFormat.ELL}.get(
+        name, SparseFormat.BSR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +131,9 @@ class FormatChoice:
     @property
     def candidate(self) -> str:
         """"dense", "csr" or "bsrRxC": the key of the chosen format in `predictions`."""
-        return "dense" if self.format is SparseFormat.DENSE else candidate_name(self.block or (1, 1))
+        if self.format in (SparseFormat.DENSE, SparseFormat.ELL):
+            return self.format.value
+        return candidate_name(self.block or (1, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,5 +192,5 @@ def _weight_from_dict(d: dict[str, Any]) -> WeightSparsity:
         source_layout=d["source_layout"], uses=tuple(WeightUse(**u) for u in d["uses"]),
         blocks=tuple(BlockStats(**b) for b in d.get("blocks", ())),
         nm=tuple(tuple(p) for p in d.get("nm", ())), matrix=tuple(d.get("matrix", ())),
-        imbalance=float(d.get("imbalance", 1.0)),
+        imbalance=float(d.get("imbalance", 1.0)), row_max=int(d.get("row_max", 0)),
     )

@@ -183,7 +183,7 @@ def _encoding_for(choice: FormatChoice, weight: WeightSparsity, tensor: torch.Te
     if input_dim is None:
         log.debug("mlir export: no matrix product says how %r is stored; taken as (out, in)", weight.name)
         input_dim = 1
-    if choice.format is SparseFormat.CSR and weight.nm_label() == "2:4":
+    if choice.format in (SparseFormat.CSR, SparseFormat.ELL) and weight.nm_label() == "2:4":
         if _fits_nm(tensor, 2, 4, input_dim):
             out_dim = 1 - input_dim
             return _Encoding("2:4", f"(d0, d1) -> (d{out_dim} : dense, d{input_dim} floordiv 4 : dense, "

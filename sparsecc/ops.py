@@ -7,8 +7,7 @@ import warnings
 
 import torch
 
-# torch warns that CSR support is "beta" on first use; sparsecc relies only on the long-stable pieces.
-_SPARSE_BETA = "Sparse (CSR|BSR) tensor support is in beta state"
+from sparsecc.packing import SPARSE_BETA
 
 ACTIVATIONS = {
     "none": lambda y: y,
@@ -36,7 +35,7 @@ def sparse_linear(
     size = (out_features, x.shape[1])
     indices = indices.to(indptr.dtype)  # torch's sparse tensors want one index dtype
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SPARSE_BETA)
+        warnings.filterwarnings("ignore", message=SPARSE_BETA)
         if (r, c) == (1, 1):
             weight = torch.sparse_csr_tensor(indptr, indices, values.reshape(-1), size, check_invariants=False)
             y = (weight @ x.t()).t()
@@ -54,20 +53,6 @@ def sparse_linear(
 @sparse_linear.register_fake
 def _(x, indptr, indices, values, bias, out_features, activation="none", residual=None):
     return x.new_empty((x.shape[0], out_features))
-
-
-def pack_blocks(weight: torch.Tensor, block: tuple[int, int] = (1, 1)) -> tuple[torch.Tensor, ...]:
-    """Dense (N, K) -> int32 block-row pointers, block-column indices, values (stored blocks, r, c).
-    Only blocks holding a non-zero are stored; (1, 1) blocks are CSR. Column indices are int16 when every
-    block column fits (K / c <= 32767): at 90 % zeros fp32 that is 0.15x the dense bytes instead of 0.2x,
-    and less for the kernel to stream."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SPARSE_BETA)
-        w = weight.detach().contiguous()
-        packed = w.to_sparse_csr() if block == (1, 1) else w.to_sparse_bsr(block)
-    values = packed.values().reshape(-1, *block).clone()
-    column_dtype = torch.int16 if w.shape[1] // block[1] <= torch.iinfo(torch.int16).max else torch.int32
-    return packed.crow_indices().to(torch.int32), packed.col_indices().to(column_dtype), values
 
 
 SPARSE_OPS = frozenset({torch.ops.sparsecc.sparse_linear.default})

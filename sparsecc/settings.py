@@ -141,7 +141,8 @@ class Settings:
     # Autotune the sparse kernels, e.g. {"trials": 16} or {"trials": 16, "rpc": {"tracker": "host:9190", "key":
     # "cpu"}}; see TuneSettings. Results persist in the tuning database under `cache_dir`; None: untuned kernels.
     tune: TuneSettings | None = None
-    # Formats the planner may choose from: "dense", "csr", "bsr" (any measured block shape) or "bsrRxC" (one shape).
+    # Formats the planner may choose from: "dense", "csr", "ell" (CSR rows padded to one length), "bsr" (any measured
+    # block shape) or "bsrRxC" (one shape).
     # Without "dense" the best listed sparse format is forced on every weight that has a sparse kernel, even where
     # it is predicted slower. None: all of them.
     formats: tuple[str, ...] | None = None
@@ -211,7 +212,7 @@ def environment_options() -> dict[str, Any]:
     return value
 
 
-FORMAT_NAMES = ("dense", "csr", "bsr")
+FORMAT_NAMES = ("dense", "csr", "ell", "bsr")
 
 
 def _formats(value: Any) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from sparsecc.cost_model import REFERENCE
 from sparsecc.errors import OptionError
 from sparsecc.formats import BlockStats, FormatChoice, SparseFormat, SparsePlan, WeightSparsity, WeightUse
-from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights, block_stats, nm_stats
+from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights, block_stats, describe_weight, nm_stats
 from sparsecc.passes.fold_constants import fold_constants
 from sparsecc.passes.plan_formats import choose_format, plan_formats
 from sparsecc.settings import Settings
@@ -221,8 +221,39 @@ def test_min_gain_keeps_small_gains_dense():
 
 
 def test_formats_and_min_gain_options_are_checked():
-    with pytest.raises(OptionError, match="'ell' is not one of"):
-        Settings.from_options({"formats": ["ell"]})
+    with pytest.raises(OptionError, match="'coo' is not one of dense, csr, ell, bsr"):
+        Settings.from_options({"formats": ["coo"]})
     with pytest.raises(OptionError, match="min_gain"):
         Settings.from_options({"min_gain": 0})
     assert Settings.from_options({"formats": "csr"}).formats == ("csr",)
+
+
+def _rows_holding(counts: list[int], k: int) -> torch.Tensor:
+    """A (len(counts), k) weight whose row i holds counts[i] non-zeros at random columns."""
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(len(counts), k, generator=g).argsort(dim=1) < torch.tensor(counts).unsqueeze(1)
+    return torch.randn(len(counts), k, generator=g) * keep
+
+
+def test_ell_is_offered_where_padding_rows_costs_little():
+    use = (WeightUse("aten.addmm.default", 2, "addmm", 128),)
+    even = describe_weight("w", _rows_holding([50, 52] * 256, 512), False, use, "strided", 2)
+    assert (even.row_max, even.ell_stored) == (52, 52 * 512)
+    assert "ell" in choose_format(even, Settings(), REFERENCE).predictions
+    uneven = describe_weight("w", _rows_holding([20, 80] * 256, 512), False, use, "strided", 2)
+    assert "ell" not in choose_format(uneven, Settings(), REFERENCE).predictions  # would store 1.6x the non-zeros
+    # Rows already of one length are ELL as CSR: nothing to pad, no second candidate.
+    same = describe_weight("w", _rows_holding([51] * 512, 512), False, use, "strided", 2)
+    assert "ell" not in choose_format(same, Settings(), REFERENCE).predictions
+
+    forced = choose_format(uneven, Settings.from_options({"formats": ["ell"]}), REFERENCE)
+    assert (forced.format, forced.block, forced.candidate) == (SparseFormat.ELL, None, "ell")
+    assert "ell forced" in forced.reason
+    asked = []
+
+    def measure(names):  # the constant row length measured faster than CSR
+        asked.append(names)
+        return {name: {"dense": 1e-3, "csr": 3e-4, "ell": 2.8e-4}.get(name, 6e-4) for name in names}
+
+    measured = choose_format(even, Settings(cost_model="measured"), REFERENCE, measure)
+    assert "ell" in asked[0] and measured.format is SparseFormat.ELL and "ell measured at 0.28x" in measured.reason

@@ -1,5 +1,7 @@
 """The CSR TIR kernel, built by TVM for the host and checked against a dense reference."""
 
+import dataclasses
+
 import pytest
 import torch
 import tvm
@@ -10,19 +12,23 @@ from tvm import relax
 from sparsecc.codegen.kernels.bsr import (MAX_TASKS, ROW_WORK, bsr_linear_kernel, default_knobs, task_spans,
                                           token_tiled_shape, work_prefix)
 from sparsecc.codegen.targets import host_target
-from sparsecc.ops import ACTIVATIONS, pack_blocks
+from sparsecc.ops import ACTIVATIONS
+from sparsecc.packing import pack_blocks, pack_ell, uniform_row_blocks
 
 BLOCKS = [(1, 1), (1, 4), (4, 1), (8, 1), (16, 1), (4, 4), (8, 8)]
 
 
 def run_kernel(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, block=(1, 1), activation="none",
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+               residual: torch.Tensor | None = None, ell: bool = False, knobs=None) -> torch.Tensor:
+    """The kernel's y for x and w packed in `block`s (`ell`: rows padded to one length); rows that all store the
+    same number of blocks get the kernel with that number as a constant, as lowering does."""
     m, k = x.shape
     n = w.shape[0]
     dtype = str(x.dtype).removeprefix("torch.")
-    packed = pack_blocks(w, block)
+    packed = (pack_ell if ell else pack_blocks)(w, block)
     columns = str(packed[1].dtype).removeprefix("torch.")
-    kernel = bsr_linear_kernel(m, n, k, block, dtype, activation, residual is not None, column_dtype=columns)
+    kernel = bsr_linear_kernel(m, n, k, block, dtype, activation, residual is not None, column_dtype=columns,
+                               knobs=knobs, row_blocks=uniform_row_blocks(packed[0]))
     lib = tvm.compile(tvm.IRModule({"kernel": kernel.with_attr("global_symbol", "kernel")}), target=host_target(2))
     arrays = [x, *packed, bias if bias is not None else torch.zeros(n, dtype=x.dtype),
               residual if residual is not None else torch.zeros(1, 1, dtype=x.dtype)]
@@ -70,6 +76,20 @@ def test_kernel_matches_dense(m, n_blocks, k_blocks, block, kind, density, with_
     x = torch.randn(m, k)
     bias = torch.randn(n) if with_bias else None
     torch.testing.assert_close(run_kernel(x, w, bias, block), reference(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 70), n_blocks=st.integers(1, 40), k_blocks=st.integers(1, 12), block=st.sampled_from(BLOCKS),
+       kind=st.sampled_from(["random", "empty_rows", "single", "dense_rows", "zeros", "skewed"]),
+       density=st.floats(0.01, 1.0), chains=st.sampled_from([1, 2, 3]), seed=st.integers(0, 1000))
+def test_ell_rows_with_constant_length_match_dense(m, n_blocks, k_blocks, block, kind, density, chains, seed):
+    """Padded rows: the kernel reads no indptr and each row's loop (and its remainder over `chains`) is a constant."""
+    n, k = n_blocks * block[0], k_blocks * block[1]
+    w = pattern(n, k, kind, density, seed, block)
+    x, bias = torch.randn(m, k), torch.randn(n)
+    knobs = dataclasses.replace(default_knobs(m, n, k, block, "float32"), chains=chains)
+    torch.testing.assert_close(run_kernel(x, w, bias, block, ell=True, knobs=knobs), reference(x, w, bias),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["skewed", "last_rows", "single"])

@@ -279,3 +279,36 @@ def test_formats_option_picks_what_runs(no_fallback):
     actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, formats=["dense"])
     torch.testing.assert_close(actual, expected, **FP32)
     assert watch.sparse_ops == 0
+
+
+class NMMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(128, 96)
+        self.fc2 = nn.Linear(96, 64)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_nm_pruned_rows_run_with_a_constant_length(no_fallback):
+    """1:4 pruning leaves every row the same length: the CSR kernels take it as a constant (named _ell<length>)."""
+    model = prune_linears_(NMMLP(), 0.0, nm=(1, 4))
+    x = torch.randn(3, 7, 128)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, formats=["dense", "csr"])
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert watch.sparse_ops == 2
+    kernels = sparse_kernel_names(watch)
+    assert any(k.startswith("csr_ell32_") for k in kernels) and any(k.startswith("csr_ell24_") for k in kernels)
+
+
+def test_ell_format_pads_uneven_rows(no_fallback):
+    model = prune_linears_(NMMLP(), 0.9)
+    x = torch.randn(3, 7, 128)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, formats=["ell"])
+    torch.testing.assert_close(actual, expected, **FP32)
+    plan = watch.graphs[0].state.plan
+    assert {c.format for c in plan.choices.values()} == {sparsecc.SparseFormat.ELL} and watch.sparse_ops == 2
+    widths = {plan.weights[k].name: plan.weights[k].row_max for k in plan.choices}
+    kernels = sparse_kernel_names(watch)
+    assert all(any(k.startswith(f"csr_ell{w}_") for k in kernels) for w in widths.values()), (widths, kernels)

@@ -15,7 +15,7 @@ from sparsecc.codegen import tuning
 from sparsecc.codegen.converters import SparseLinearSpec
 from sparsecc.codegen.kernels.bsr import KernelKnobs, bsr_linear_kernel, default_knobs
 from sparsecc.codegen.targets import host_target
-from sparsecc.ops import pack_blocks
+from sparsecc.packing import pack_blocks
 from sparsecc.pipeline import run_pipeline
 from sparsecc.settings import Settings, TuneSettings
 from sparsecc.tuning_db import TuningDatabase, TuningKey, TuningRecord

@@ -36,7 +36,7 @@ from tvm.script import tirx as T
 # Bump when the generated code changes for the same knobs: tuning results stored for an older template are
 # then ignored (the tuning database keys on it).
 TEMPLATE = "bsr_linear"
-TEMPLATE_VERSION = 7
+TEMPLATE_VERSION = 8
 
 # Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128 for 1-row blocks.
 TOKEN_TILE = 32
@@ -162,12 +162,15 @@ def token_tiled_shape(m: int, width: int, tile: int) -> tuple[int, int, int]:
 
 def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",
                       residual: bool = False, index_dtype: str = "int32", column_dtype: str = "int32", *,
-                      knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False):
+                      knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False,
+                      row_blocks: int | None = None):
     """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], res, y[m, n])`.
     `res` is (m, n) when `residual`, else an unused (1, 1) buffer. Needs n % r == 0 and k % c == 0 (the planner
     only picks block shapes that divide the weight). `knobs` defaults to `default_knobs(m, n, k, block, dtype)`.
     `x_tiled` / `y_tiled`: x / y come in / go out in `token_tiled_shape` with the knobs' token tile (clipped to m)
-    instead of (m, k) / (m, n); a tiled x needs no transpose."""
+    instead of (m, k) / (m, n); a tiled x needs no transpose.
+    `row_blocks`: every block-row stores exactly this many blocks (ELL rows, `uniform_row_blocks`): the kernel then
+    never reads indptr, and each row's loop has a constant trip count that LLVM unrolls."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
     if knobs is None:
@@ -191,8 +194,19 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     x_shape = token_tiled_shape(m, k, tile) if x_tiled else (m, k)
     y_shape = token_tiled_shape(m, n, tile) if y_tiled else (m, n)
 
+    if row_blocks is not None and row_blocks < 0:
+        raise ValueError(f"row_blocks must be >= 0, got {row_blocks}")
+
+    def start(P, b):
+        # Where block-row b's blocks begin in indices / values.
+        return P[b] if row_blocks is None else b * row_blocks
+
+    def stored(P, b):
+        # Blocks stored in block-row b: a constant for ELL rows.
+        return P[b + 1] - P[b] if row_blocks is None else row_blocks
+
     def work(P, b):
-        return T.cast(P[b], "int64") * (r * c) + T.cast(b, "int64") * (r * ROW_WORK)
+        return T.cast(start(P, b), "int64") * (r * c) + T.cast(b, "int64") * (r * ROW_WORK)
 
     @T.macro
     def task_span(P, task, span):
@@ -221,19 +235,19 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                     for i in T.unroll(r):
                         for t in T.vectorized(tile):
                             acc[q, i, t] = T.if_then_else(q == 0, B[(first + g) * r + i], T.cast(0, dtype))
-                for e in T.serial((P[first + g + 1] - P[first + g]) // chains):
+                for e in T.serial(stored(P, first + g) // chains):
                     for q in T.unroll(chains):
                         for j in T.unroll(c):
                             for i in T.unroll(r):
                                 for t in T.vectorized(tile):
-                                    acc[q, i, t] = acc[q, i, t] + V[P[first + g] + e * chains + q, i, j] * XT[
-                                        mo, T.cast(J[P[first + g] + e * chains + q], "int32") * c + j, t]
-                for e in T.serial((P[first + g + 1] - P[first + g]) % chains):
+                                    acc[q, i, t] = acc[q, i, t] + V[start(P, first + g) + e * chains + q, i, j] * XT[
+                                        mo, T.cast(J[start(P, first + g) + e * chains + q], "int32") * c + j, t]
+                for e in T.serial(stored(P, first + g) % chains):
                     for j in T.unroll(c):
                         for i in T.unroll(r):
                             for t in T.vectorized(tile):
-                                acc[0, i, t] = acc[0, i, t] + V[P[first + g + 1] - (P[first + g + 1] - P[first + g]) % chains + e, i, j] * XT[
-                                    mo, T.cast(J[P[first + g + 1] - (P[first + g + 1] - P[first + g]) % chains + e],
+                                acc[0, i, t] = acc[0, i, t] + V[start(P, first + g + 1) - stored(P, first + g) % chains + e, i, j] * XT[
+                                    mo, T.cast(J[start(P, first + g + 1) - stored(P, first + g) % chains + e],
                                           "int32") * c + j, t]
                 for q in T.unroll(chains - 1):
                     for i in T.unroll(r):
