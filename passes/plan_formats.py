@@ -46,7 +46,8 @@ CSR_BREAK_EVEN = 0.3
 # a tie given to sparse is how a plan ends up slower than dense.
 MEASURED_MIN_GAIN = 1.05
 # ELL is offered when padding every row to the longest stores at most this many times the non-zeros: its constant
-# row length saved 3-6 % over CSR's kernel at BERT shapes (docs/benchmarks.md, "ELL"), which more padding loses.
+# row length saved 2-8 % over CSR's kernel at BERT shapes, and 14 % padding already cost more than that
+# (benchmarks/ell_rows.py; docs/benchmarks.md, "Rows of one length"). Listing "ell" in `formats` offers it anyway.
 ELL_MAX_PADDING = 1.1
 # Token count assumed for a use whose graph does not carry shapes (symbolic tracing).
 UNKNOWN_TOKENS = 128
@@ -149,8 +150,9 @@ def choose_format(w: WeightSparsity, settings: Settings,
     stored = {"csr": (w.nnz, w.imbalance)}
     if settings.csr_max_density is not None and w.density > settings.csr_max_density:
         stored.pop("csr")
-    elif w.ell_stored and (ELL_CANDIDATE in (settings.formats or ()) or w.nnz < w.ell_stored <= ELL_MAX_PADDING * w.nnz):
-        stored[ELL_CANDIDATE] = (w.ell_stored, 1.0)
+    elif w.ell_stored and (w.nnz < w.ell_stored <= ELL_MAX_PADDING * w.nnz
+                           or ELL_CANDIDATE in (settings.formats or ())):
+        stored[ELL_CANDIDATE] = (w.ell_stored, 1.0)  # padded rows, equal per row: threads share them evenly
     csr_cap = CSR_BREAK_EVEN if settings.csr_max_density is None else settings.csr_max_density
     stored.update({candidate_name((b.rows, b.cols)): (b.blocks, b.imbalance) for b in w.blocks})
     stored = {name: v for name, v in stored.items() if allowed(name, settings.formats)}
