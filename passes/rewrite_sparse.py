@@ -5,8 +5,7 @@
 
 The bias is fused into the op when it is a vector of the output width; other broadcasts stay an add.
 W is packed in the planned format (sparsecc/packing.py): CSR is BSR with 1 x 1 blocks, ELL is CSR with rows padded to
-one length. Packed arrays are graph constants, shared
-when one weight is used in several places.
+one length. Packed arrays are graph constants, shared when one weight is used in several places.
 """
 
 from __future__ import annotations

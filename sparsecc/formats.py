@@ -100,8 +100,8 @@ ELL_CANDIDATE = "ell"
 
 
 def candidate_name(block: tuple[int, int]) -> str:
-    """The name of a sparse candidate in options, plans and reports: "csr" for 1 x 1 blocks, else "bsrRxC"; CSR
-    rows padded to one length are "ell"."""
+    """The name of a block-shaped sparse candidate in options, plans and reports: "csr" for 1 x 1 blocks, else
+    "bsrRxC". CSR with rows padded to one length is the one other candidate, ELL_CANDIDATE."""
     return "csr" if tuple(block) == (1, 1) else f"bsr{block[0]}x{block[1]}"
 
 
@@ -113,6 +113,7 @@ def candidate_block(name: str) -> tuple[int, int]:
 
 
 def candidate_format(name: str) -> SparseFormat:
+    """The SparseFormat a candidate name ("dense", "csr", "ell", "bsrRxC") stands for."""
     return {"dense": SparseFormat.DENSE, "csr": SparseFormat.CSR, ELL_CANDIDATE: SparseFormat.ELL}.get(
         name, SparseFormat.BSR)
 
@@ -130,7 +131,7 @@ class FormatChoice:
 
     @property
     def candidate(self) -> str:
-        """"dense", "csr" or "bsrRxC": the key of the chosen format in `predictions`."""
+        """"dense", "csr", "ell" or "bsrRxC": the key of the chosen format in `predictions`."""
         if self.format in (SparseFormat.DENSE, SparseFormat.ELL):
             return self.format.value
         return candidate_name(self.block or (1, 1))

@@ -281,19 +281,13 @@ def test_formats_option_picks_what_runs(no_fallback):
     assert watch.sparse_ops == 0
 
 
-class NMMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(128, 96)
-        self.fc2 = nn.Linear(96, 64)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
+def two_layers() -> nn.Module:
+    return nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64))
 
 
 def test_nm_pruned_rows_run_with_a_constant_length(no_fallback):
     """1:4 pruning leaves every row the same length: the CSR kernels take it as a constant (named _ell<length>)."""
-    model = prune_linears_(NMMLP(), 0.0, nm=(1, 4))
+    model = prune_linears_(two_layers(), 0.0, nm=(1, 4))
     x = torch.randn(3, 7, 128)
     actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, formats=["dense", "csr"])
     torch.testing.assert_close(actual, expected, **FP32)
@@ -303,7 +297,7 @@ def test_nm_pruned_rows_run_with_a_constant_length(no_fallback):
 
 
 def test_ell_format_pads_uneven_rows(no_fallback):
-    model = prune_linears_(NMMLP(), 0.9)
+    model = prune_linears_(two_layers(), 0.9)
     x = torch.randn(3, 7, 128)
     actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, formats=["ell"])
     torch.testing.assert_close(actual, expected, **FP32)
