@@ -30,12 +30,9 @@ from sparsecc.codegen.kernels.bsr import token_tiled_shape
 from sparsecc.codegen.targets import host_target
 from sparsecc.codegen.tuning import KernelTask
 
+from kernel_alone import pair  # benchmarks/ is the script's own directory
+
 VARIANTS = {"plain": (False, False), "x_tiled": (True, False), "y_tiled": (False, True), "both": (True, True)}
-
-
-def pair(text: str) -> tuple[int, int]:
-    a, b = text.split("x")
-    return int(a), int(b)
 
 
 def to_tiled(a: np.ndarray, tile: int) -> np.ndarray:
@@ -102,7 +99,7 @@ def main() -> None:
             for name, variant in variants.items():
                 samples[name].append(variant.us())
         t = {name: statistics.median(s) for name, s in samples.items()}
-        tiles = -(-args.tokens // task.spec.token_tile(None))
+        tiles = token_tiled_shape(args.tokens, k, task.spec.token_tile(None))[0]
         per_value = (t["both"] - t["empty"]) * 1e3 * threads / (task.stored_blocks * tiles)
         print(f"{f'{n}x{k}':<10}{t['plain']:>8.0f}{t['x_tiled']:>9.0f}{t['y_tiled']:>9.0f}{t['both']:>8.0f}"
               f"{t['empty']:>8.0f}{t['plain'] - t['x_tiled']:>11.0f}{t['plain'] - t['y_tiled']:>12.0f}"
