@@ -160,6 +160,9 @@ def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings
             break
     if settings.verify and (state.executable is None or state.vm is not None):
         _verify(state)
+    # The state outlives the call (reports, the compiled variant). Keeping the inputs would keep the weights among
+    # them alive, and with them the variant: CompiledGraph releases one when its weights are freed.
+    state.example_inputs = ()
     return state
 
 

@@ -1,6 +1,8 @@
 """Whole models through torch.compile(backend="sparsecc"), each compared with eager PyTorch and each
 checking that the sparse path actually ran (sparse ops in the graph, TVM regions built and called)."""
 
+import gc
+
 import pytest
 import torch
 import torch.nn as nn
@@ -213,6 +215,53 @@ def test_weights_changed_after_compiling_are_never_stale(no_fallback):
         other = prune_linears_(OddMLP(), 0.5)
         model.load_state_dict(other.state_dict())  # load_state_dict
         torch.testing.assert_close(compiled(x), model(x), **FP32)
+
+
+def region_calls(state) -> int:
+    from sparsecc.codegen.executable import TvmRegion
+
+    return sum(m.calls for m in state.gm.modules() if isinstance(m, TvmRegion))
+
+
+def test_instances_of_one_model_keep_their_own_kernels(no_fallback):
+    # Two instances of one class share dynamo's graph, each passing its own weights: each is compiled once, not
+    # again at every switch, and each is answered from its own weights.
+    models = [prune_linears_(OddMLP(), 0.9).eval() for _ in range(2)]
+    x = torch.randn(4, 97)
+    with torch.no_grad(), CompileWatch() as watch:
+        compiled = [compile_sparsecc(m, min_weight_numel=1) for m in models]
+        for _ in range(3):
+            for model, fn in zip(models, compiled):
+                torch.testing.assert_close(fn(x), model(x), **FP32)
+    (graph,) = watch.graphs
+    assert graph.compiles == 2 and len(graph.states) == 2
+    assert all(state.sparse_ops == 3 and region_calls(state) >= 3 for state in graph.states)
+
+    # An in-place edit of one instance recompiles that instance only.
+    with torch.no_grad():
+        models[0].fc1.weight.mul_(2.0)
+        for model, fn in zip(models, compiled):
+            torch.testing.assert_close(fn(x), model(x), **FP32)
+    assert graph.compiles == 3 and len(graph.states) == 2
+
+    # Freeing an instance releases its kernels.
+    del models[1], compiled[1], model, fn
+    gc.collect()
+    assert len(graph.states) == 1
+
+
+def test_more_instances_than_kept_are_recompiled_not_stale(no_fallback, monkeypatch):
+    monkeypatch.setattr(sparsecc.runtime.compiled, "MAX_WEIGHT_SETS", 2)
+    models = [prune_linears_(OddMLP(), 0.9).eval() for _ in range(3)]
+    x = torch.randn(4, 97)
+    with torch.no_grad(), CompileWatch() as watch:
+        compiled = [compile_sparsecc(m, min_weight_numel=1) for m in models]
+        for _ in range(2):
+            for model, fn in zip(models, compiled):
+                torch.testing.assert_close(fn(x), model(x), **FP32)
+    (graph,) = watch.graphs
+    # Three instances in turn with room for two: every call after the first round finds its set released.
+    assert graph.compiles == 6 and len(graph.states) == 2
 
 
 def test_weight_change_can_raise():

@@ -4,10 +4,18 @@ serves results computed from stale weights.
 Under torch.compile, parameters are graph inputs that dynamo does not guard. sparsecc bakes their
 values into kernels, so each call compares every weight's data pointer and version counter with those
 seen at compile time (in-place edits, `.data =` and `load_state_dict` all change one of them).
+
+Two instances of one model class share dynamo's graph, each passing its own parameters. The weight tensors'
+identities tell them apart: each instance (a "weight set") keeps its own compiled variants, so calling them in
+turn compiles each once instead of recompiling on every switch (about 5 s a call for two BERT-base copies). A
+set is released when one of its weights is freed, and the least recently used one when more than
+MAX_WEIGHT_SETS are alive.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import warnings
 import weakref
@@ -24,6 +32,10 @@ from sparsecc.settings import Settings
 log = logging.getLogger(__name__)
 
 _LIVE: "weakref.WeakSet[CompiledGraph]" = weakref.WeakSet()
+
+# Weight sets (model instances sharing one graph) whose compiled variants a graph keeps at once; each holds its
+# own packed weights and kernels. Like dynamo's recompile limit, it bounds memory when instances keep coming.
+MAX_WEIGHT_SETS = 8
 
 
 def compiled_graphs() -> list["CompiledGraph"]:
@@ -47,6 +59,16 @@ def _weight_snapshot(args: Sequence[Any], weight_pos: Sequence[int]) -> tuple:
     return tuple((args[i].data_ptr(), args[i]._version) for i in weight_pos)
 
 
+@dataclasses.dataclass
+class _WeightSet:
+    """One instance's weights as last compiled, and the variants compiled for them (by input signature)."""
+
+    snapshot: tuple
+    variants: dict[tuple, Callable[[Sequence[Any]], Any]] = dataclasses.field(default_factory=dict)
+    states: list[Any] = dataclasses.field(default_factory=list)
+    watches: list[weakref.ref] = dataclasses.field(default_factory=list)  # a callback when a weight is freed
+
+
 class CompiledGraph:
     _serial = 0
 
@@ -57,8 +79,8 @@ class CompiledGraph:
         self._compile_variant = compile_variant
         self._weight_pos = tuple(i for i, v in enumerate(example_inputs) if is_weight(v))
         self._weight_set = frozenset(self._weight_pos)
-        self._weights = _weight_snapshot(example_inputs, self._weight_pos)
-        self._variants: dict[tuple, Callable[[Sequence[Any]], Any]] = {}
+        # By the identities of the weight tensors, least recently used first.
+        self._weight_sets: collections.OrderedDict[tuple[int, ...], _WeightSet] = collections.OrderedDict()
         self.states: list[Any] = []  # PipelineState of each live compiled variant, newest last
         self.compiles = 0
         self.fallbacks = 0
@@ -77,18 +99,60 @@ class CompiledGraph:
         return self.states[-1] if self.states else None
 
     def __call__(self, *args: Any) -> Any:
-        if _weight_snapshot(args, self._weight_pos) != self._weights:
-            self._on_weight_change(args)
         return self._variant_for(args)(args)
 
     def _variant_for(self, args: Sequence[Any]) -> Callable[[Sequence[Any]], Any]:
+        weights = self._weights_of(args)
         sig = _signature(args, self._weight_set)
-        variant = self._variants.get(sig)
+        variant = weights.variants.get(sig)
         if variant is None:
-            variant = self._variants[sig] = self._compile(args)
+            variant = weights.variants[sig] = self._compile(args, weights)
         return variant
 
-    def _compile(self, args: Sequence[Any]) -> Callable[[Sequence[Any]], Any]:
+    def _weights_of(self, args: Sequence[Any]) -> _WeightSet:
+        """The weight set `args` belong to, its variants dropped if a weight changed since they were compiled."""
+        key = tuple(id(args[i]) for i in self._weight_pos)
+        snapshot = _weight_snapshot(args, self._weight_pos)
+        weights = self._weight_sets.get(key)
+        if weights is None:
+            return self._add_weight_set(key, snapshot, args)
+        self._weight_sets.move_to_end(key)
+        if weights.snapshot != snapshot:
+            self._on_weight_change(weights, snapshot)
+        return weights
+
+    def _add_weight_set(self, key: tuple[int, ...], snapshot: tuple, args: Sequence[Any]) -> _WeightSet:
+        if len(self._weight_sets) >= MAX_WEIGHT_SETS:
+            old_key, _ = next(iter(self._weight_sets.items()))
+            log.warning("sparsecc: graph %d runs with more than %d sets of weights (model instances) in turn; "
+                        "releasing the kernels of the least recently used one, which compiles again at its next "
+                        "call", self.serial, MAX_WEIGHT_SETS)
+            self._drop_weight_set(old_key)
+        if self._weight_sets:
+            log.info("sparsecc: graph %d called with another model instance's weights; compiling for them too",
+                     self.serial)
+        weights = self._weight_sets[key] = _WeightSet(snapshot)
+        graph = weakref.ref(self)
+
+        def freed(_: weakref.ref) -> None:
+            if (g := graph()) is not None:
+                g._drop_weight_set(key)
+
+        weights.watches = [weakref.ref(args[i], freed) for i in self._weight_pos]
+        return weights
+
+    def _drop_weight_set(self, key: tuple[int, ...]) -> None:
+        weights = self._weight_sets.pop(key, None)
+        if weights is not None:
+            self._release(weights)
+
+    def _release(self, weights: _WeightSet) -> None:
+        """Forget `weights`' variants, so their kernels and packed weights can be freed."""
+        self.states = [s for s in self.states if not any(s is mine for mine in weights.states)]
+        weights.variants.clear()
+        weights.states.clear()
+
+    def _compile(self, args: Sequence[Any], weights: _WeightSet) -> Callable[[Sequence[Any]], Any]:
         self.compiles += 1
         if torch.is_grad_enabled() and any(args[i].requires_grad for i in self._weight_pos):
             warnings.warn("sparsecc compiles for inference: outputs of this graph do not track gradients. "
@@ -106,21 +170,21 @@ class CompiledGraph:
                           stacklevel=3)
             return lambda a: self.gm(*a)
         self.states.append(state)
+        weights.states.append(state)
         if state.vm is None and state.completed[-1] == "build":
             state.dense_backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
             return run
         return state.run
 
-    def _on_weight_change(self, args: Sequence[Any]) -> None:
+    def _on_weight_change(self, weights: _WeightSet, snapshot: tuple) -> None:
         if self.settings.on_weight_change == "raise":
             raise WeightChangedError(
                 "a weight of a sparsecc-compiled graph changed after compiling; call torch.compile again, or "
                 "pass options={'on_weight_change': 'recompile'}"
             )
         log.info("sparsecc: weights of graph %d changed after compiling; recompiling", self.serial)
-        self._variants.clear()
-        self.states.clear()  # their kernels hold the old weights
-        self._weights = _weight_snapshot(args, self._weight_pos)
+        self._release(weights)  # their kernels hold the old weights
+        weights.snapshot = snapshot
 
     def report(self) -> str:
         from sparsecc.report import plan_table
