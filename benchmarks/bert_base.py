@@ -6,11 +6,15 @@ Every candidate's output is checked against eager before it is timed.
 
     python benchmarks/bert_base.py --sparsity 0.9 0.8 0.95 0
     GOMP_SPINCOUNT=1000 python benchmarks/bert_base.py ...   # PyTorch's OpenMP threads stop spinning sooner
+    python benchmarks/bert_base.py --peers sparsecc sparsecc-tvm-pool   # kernels on PyTorch's threads vs TVM's pool
+
+Each sparsecc candidate compiles its own copy of the model (so each keeps its own kernels).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import platform
@@ -29,7 +33,10 @@ from sparsecc.timing import Timing, interleaved, timing_table
 from sparsecc.tolerances import assert_outputs_close
 
 
-IN_PROCESS = ("inductor", "sparsecc")
+# In-process candidates compiled with sparsecc, and their options.
+SPARSECC_VARIANTS = {"sparsecc": {}, "sparsecc-tvm-pool": {"thread_pool": "tvm"},
+                     "sparsecc-openmp-pool": {"thread_pool": "openmp"}}
+IN_PROCESS = ("inductor", *SPARSECC_VARIANTS)
 ONNX_ENGINES = ("deepsparse", "onnxruntime")
 
 
@@ -47,7 +54,10 @@ def measure(sparsity: float, repeats: int, peers: list[str], workdir: Path, bloc
         expected = model(ids).last_hidden_state
         for name in (p for p in peers if p in IN_PROCESS):
             start = time.perf_counter()
-            fn = torch.compile(model, backend="sparsecc") if name == "sparsecc" else torch.compile(model)
+            if name in SPARSECC_VARIANTS:
+                fn = torch.compile(copy.deepcopy(model), backend="sparsecc", options=SPARSECC_VARIANTS[name] or None)
+            else:
+                fn = torch.compile(model)
             assert_outputs_close(fn(ids).last_hidden_state, expected)  # agree before timing anything
             compile_s[name] = round(time.perf_counter() - start, 1)
             candidates[name] = lambda fn=fn: fn(ids)
@@ -88,7 +98,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--peers", nargs="+", default=list(IN_PROCESS + ONNX_ENGINES),
+    parser.add_argument("--peers", nargs="+", default=["inductor", "sparsecc", *ONNX_ENGINES],
                         choices=list(IN_PROCESS + ONNX_ENGINES))
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--block", help="prune Linears in whole r x c blocks (out x in), e.g. 16x1; default unstructured")

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+from pathlib import Path
 
+import torch
 import tvm
 from tvm import relax
 
-from sparsecc.codegen.targets import configure_threads, missing_features, parse_target, resolve_threads
+from sparsecc.codegen.openmp_pool import available as openmp_available
+from sparsecc.codegen.openmp_pool import redirect_parallel_launch
+from sparsecc.codegen.targets import (QUIET_OMP_SPINS, configure_threads, missing_features, omp_spins, parse_target,
+                                      resolve_threads)
 from sparsecc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,5 +35,37 @@ def runs_here(target: tvm.target.Target) -> bool:
     return not missing_features(target)
 
 
-def virtual_machine(executable: tvm.runtime.Executable) -> relax.VirtualMachine:
+def uses_openmp(settings: Settings) -> bool:
+    """Whether kernels built with `settings` run on PyTorch's OpenMP threads (see codegen/openmp_pool.py)."""
+    if settings.thread_pool == "tvm":
+        return False
+    if settings.thread_pool == "auto" and omp_spins(os.environ) <= QUIET_OMP_SPINS:
+        log.info("build: PyTorch's OpenMP threads sleep soon after each op (GOMP_SPINCOUNT / OMP_WAIT_POLICY); "
+                 "kernels use TVM's thread pool, whose workers spin between kernels")
+        return False
+    if resolve_threads(settings.num_threads) != torch.get_num_threads():
+        log.info("build: num_threads=%d differs from PyTorch's %d threads; kernels use TVM's thread pool",
+                 settings.num_threads, torch.get_num_threads())
+        return False
+    return openmp_available()
+
+
+def virtual_machine(executable: tvm.runtime.Executable, settings: Settings) -> relax.VirtualMachine:
+    """A VM of the executable. On PyTorch's OpenMP threads the executable goes through a library file (deleted
+    once loaded): only a loaded library's launcher pointer can be redirected."""
+    if uses_openmp(settings):
+        with tempfile.TemporaryDirectory(prefix="sparsecc-vm-") as work:
+            library = Path(work) / "regions.so"
+            start = time.perf_counter()
+            try:
+                executable.export_library(str(library))
+                module = tvm.runtime.load_module(str(library))
+            except Exception as exc:  # noqa: BLE001  (any failure here leaves the in-memory path)
+                log.info("build: could not load the regions as a library (%s: %s); kernels use TVM's thread pool",
+                         type(exc).__name__, exc)
+            else:
+                if redirect_parallel_launch(library):
+                    log.info("build: kernels run on PyTorch's OpenMP threads (library written and loaded in %.2f s)",
+                             time.perf_counter() - start)
+                return relax.VirtualMachine(module, tvm.cpu())
     return relax.VirtualMachine(executable, tvm.cpu())

@@ -119,7 +119,7 @@ def _build(s: PipelineState) -> None:
     if not runs_here(s.target):
         log.info("build: target %s is not this machine; regions are built but not loaded", s.settings.target)
         return
-    s.vm = virtual_machine(s.executable)
+    s.vm = virtual_machine(s.executable, s.settings)
     for call in regions:
         sub = s.gm.get_submodule(call.target)
         weights = {name: getattr(sub, name) for name in region_weights(sub)}

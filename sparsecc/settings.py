@@ -129,6 +129,12 @@ class Settings:
     target: str = "host"
     # Threads for TVM kernels; None follows torch.get_num_threads().
     num_threads: int | None = None
+    # Whose threads run the TVM kernels' parallel loops: "openmp", PyTorch's own OpenMP threads (one pool for the
+    # whole model; needs a C compiler, else TVM's pool with a log line; with num_threads other than PyTorch's, TVM's
+    # pool); "tvm", TVM's own pool beside PyTorch's; "auto", "openmp" unless PyTorch's threads were told to sleep
+    # soon after each op (GOMP_SPINCOUNT at most 10 000, OMP_WAIT_POLICY=passive), where TVM's briefly spinning
+    # workers start kernels sooner. codegen/openmp_pool.py says why one pool is better.
+    thread_pool: Literal["auto", "openmp", "tvm"] = "auto"
     # Stop the pipeline after this stage and run what it produced (debugging, tests, `sparsecc inspect`).
     stop_after: Literal["capture", "analysis", "plan", "rewrite", "partition", "lower", "build"] | None = None
     # Compare the compiled graph with PyTorch on the example inputs before using it.

@@ -130,11 +130,16 @@ def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], we
     import tvm
     from tvm import relax
 
+    from sparsecc.codegen.build import uses_openmp
     from sparsecc.codegen.executable import TvmRegion
+    from sparsecc.codegen.openmp_pool import redirect_parallel_launch
     from sparsecc.codegen.targets import configure_threads, resolve_threads
+    from sparsecc.settings import Settings
 
     library = path / manifest["library"]
-    configure_threads(resolve_threads(manifest.get("options", {}).get("num_threads")))
+    options = manifest.get("options", {})
+    threads = Settings(num_threads=options.get("num_threads"), thread_pool=options.get("thread_pool", "auto"))
+    configure_threads(resolve_threads(threads.num_threads))
     try:
         if library.suffix == ".tar":
             # TVM links a .tar next to itself; the artifact may be read-only, so link a copy elsewhere.
@@ -143,6 +148,8 @@ def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], we
             module = tvm.runtime.load_module(str(work / library.name))
         else:
             module = tvm.runtime.load_module(str(library))
+            if uses_openmp(threads):
+                redirect_parallel_launch(library)
         vm = relax.VirtualMachine(module, tvm.cpu())
     except Exception as exc:
         raise ArtifactError(f"{library} could not be loaded: {type(exc).__name__}: {exc}") from None
