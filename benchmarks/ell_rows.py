@@ -16,6 +16,8 @@ import logging
 import torch
 import tvm
 
+from kernel_alone import pair
+
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
 from sparsecc.codegen.targets import host_target
@@ -56,7 +58,8 @@ def kernel_call(x: torch.Tensor, w: torch.Tensor, ell: bool, target):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["768x768", "3072x768", "768x3072"], help="out x in")
+    parser.add_argument("--shapes", nargs="+", type=pair, default=[(768, 768), (3072, 768), (768, 3072)],
+                        help="out x in")
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15)
@@ -68,8 +71,8 @@ def main() -> None:
     print(f"{threads} threads, {args.tokens} tokens, density {args.density}; medians of {args.repeats} turns, "
           f"us per call")
     print(f"{'weight':<10}{'rows':>8}{'padding':>9}{'dense':>9}{'csr':>9}{'ell':>9}{'ell/csr':>9}")
-    for shape in args.shapes:
-        n, k = (int(v) for v in shape.split("x"))
+    for n, k in args.shapes:
+        shape = f"{n}x{k}"
         x = torch.randn(args.tokens, k)
         for kind in ("uniform", "near", "random"):
             w = rows_of(n, k, args.density, kind)

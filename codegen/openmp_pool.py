@@ -125,6 +125,7 @@ def _shim() -> ctypes.CDLL | None:
         log.info("openmp: could not build the OpenMP launcher (%s: %s); TVM kernels use TVM's thread pool",
                  type(exc).__name__, exc)
         return None
+    shim.sparsecc_launches.restype = ctypes.c_ulonglong
     shim.sparsecc_bind_openmp(*(ctypes.c_void_p(address_of(openmp, name)) for name in _OPENMP_ENTRY_POINTS))
     log.debug("openmp: TVM kernels run on the OpenMP threads of %s", openmp_path)
     return shim
@@ -169,7 +170,6 @@ def launch_count() -> tuple[int, int]:
     shim = _shim()
     if shim is None:
         return 0, 0
-    shim.sparsecc_launches.restype = ctypes.c_ulonglong
     return int(shim.sparsecc_launches()), int(shim.sparsecc_last_team())
 
 

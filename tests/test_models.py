@@ -223,29 +223,41 @@ def region_calls(state) -> int:
     return sum(m.calls for m in state.gm.modules() if isinstance(m, TvmRegion))
 
 
+def call_in_turn(models, compiled, x, rounds: int) -> None:
+    """Each compiled model on x in turn, `rounds` times, each against its own eager output."""
+    with torch.no_grad():
+        for _ in range(rounds):
+            for model, fn in zip(models, compiled):
+                torch.testing.assert_close(fn(x), model(x), **FP32)
+
+
+def compile_and_call_in_turn(models, x, rounds: int):
+    """Compile each model (one class: they share dynamo's graph), call them in turn; that graph and the
+    compiled models."""
+    with CompileWatch() as watch:
+        compiled = [compile_sparsecc(m, min_weight_numel=1) for m in models]
+        call_in_turn(models, compiled, x, rounds)
+    (graph,) = watch.graphs
+    return graph, compiled
+
+
 def test_instances_of_one_model_keep_their_own_kernels(no_fallback):
     # Two instances of one class share dynamo's graph, each passing its own weights: each is compiled once, not
     # again at every switch, and each is answered from its own weights.
     models = [prune_linears_(OddMLP(), 0.9).eval() for _ in range(2)]
     x = torch.randn(4, 97)
-    with torch.no_grad(), CompileWatch() as watch:
-        compiled = [compile_sparsecc(m, min_weight_numel=1) for m in models]
-        for _ in range(3):
-            for model, fn in zip(models, compiled):
-                torch.testing.assert_close(fn(x), model(x), **FP32)
-    (graph,) = watch.graphs
+    graph, compiled = compile_and_call_in_turn(models, x, rounds=3)
     assert graph.compiles == 2 and len(graph.states) == 2
     assert all(state.sparse_ops == 3 and region_calls(state) >= 3 for state in graph.states)
 
     # An in-place edit of one instance recompiles that instance only.
     with torch.no_grad():
         models[0].fc1.weight.mul_(2.0)
-        for model, fn in zip(models, compiled):
-            torch.testing.assert_close(fn(x), model(x), **FP32)
+    call_in_turn(models, compiled, x, rounds=1)
     assert graph.compiles == 3 and len(graph.states) == 2
 
     # Freeing an instance releases its kernels.
-    del models[1], compiled[1], model, fn
+    del models[1], compiled[1]
     gc.collect()
     assert len(graph.states) == 1
 
@@ -253,13 +265,7 @@ def test_instances_of_one_model_keep_their_own_kernels(no_fallback):
 def test_more_instances_than_kept_are_recompiled_not_stale(no_fallback, monkeypatch):
     monkeypatch.setattr(sparsecc.runtime.compiled, "MAX_WEIGHT_SETS", 2)
     models = [prune_linears_(OddMLP(), 0.9).eval() for _ in range(3)]
-    x = torch.randn(4, 97)
-    with torch.no_grad(), CompileWatch() as watch:
-        compiled = [compile_sparsecc(m, min_weight_numel=1) for m in models]
-        for _ in range(2):
-            for model, fn in zip(models, compiled):
-                torch.testing.assert_close(fn(x), model(x), **FP32)
-    (graph,) = watch.graphs
+    graph, _ = compile_and_call_in_turn(models, torch.randn(4, 97), rounds=2)
     # Three instances in turn with room for two: every call after the first round finds its set released.
     assert graph.compiles == 6 and len(graph.states) == 2
 

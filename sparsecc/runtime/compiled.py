@@ -81,7 +81,6 @@ class CompiledGraph:
         self._weight_set = frozenset(self._weight_pos)
         # By the identities of the weight tensors, least recently used first.
         self._weight_sets: collections.OrderedDict[tuple[int, ...], _WeightSet] = collections.OrderedDict()
-        self.states: list[Any] = []  # PipelineState of each live compiled variant, newest last
         self.compiles = 0
         self.fallbacks = 0
         CompiledGraph._serial += 1
@@ -95,8 +94,15 @@ class CompiledGraph:
             self._variant_for(example_inputs)
 
     @property
+    def states(self) -> list[Any]:
+        """PipelineState of each live compiled variant: by weight set, least recently used first, then by age."""
+        return [state for weights in self._weight_sets.values() for state in weights.states]
+
+    @property
     def state(self) -> Any:
-        return self.states[-1] if self.states else None
+        """The newest variant of the most recently used weight set."""
+        states = self.states
+        return states[-1] if states else None
 
     def __call__(self, *args: Any) -> Any:
         return self._variant_for(args)(args)
@@ -142,13 +148,10 @@ class CompiledGraph:
         return weights
 
     def _drop_weight_set(self, key: tuple[int, ...]) -> None:
-        weights = self._weight_sets.pop(key, None)
-        if weights is not None:
-            self._release(weights)
+        self._weight_sets.pop(key, None)  # its variants, kernels and packed weights go with it
 
     def _release(self, weights: _WeightSet) -> None:
         """Forget `weights`' variants, so their kernels and packed weights can be freed."""
-        self.states = [s for s in self.states if not any(s is mine for mine in weights.states)]
         weights.variants.clear()
         weights.states.clear()
 
@@ -169,7 +172,6 @@ class CompiledGraph:
                           "(options={'on_failure': 'raise'} raises instead).", SparseccFallbackWarning,
                           stacklevel=3)
             return lambda a: self.gm(*a)
-        self.states.append(state)
         weights.states.append(state)
         if state.vm is None and state.completed[-1] == "build":
             state.dense_backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
