@@ -14,8 +14,10 @@ import tvm
 from torch import fx
 from tvm import relax
 
+from sparsecc.codegen.kernels.attention import attention_kernel
 from sparsecc.codegen.kernels.bsr import ACTIVATIONS as KERNEL_ACTIVATIONS
 from sparsecc.codegen.kernels.bsr import KernelKnobs, bsr_linear_kernel, default_knobs, token_tiled_shape
+from sparsecc.codegen.kernels.layer_norm import layer_norm_kernel
 from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
 from sparsecc.packing import uniform_row_blocks
 from sparsecc.passes.graph_utils import RESHAPE_OPS, constant_of, shape_dtype
@@ -256,3 +258,52 @@ def _gelu(ctx, node, args):
     if node.kwargs.get("approximate", "none") == "tanh":
         return relax.op.nn.gelu_tanh(args[0])
     return relax.op.nn.gelu(args[0])
+
+
+def _attention_check(node: fx.Node) -> bool:
+    q, k, v, heads, _ = node.args
+    infos = [shape_dtype(t) for t in (q, k, v)]
+    return (_static_float(node) and infos[0] == infos[1] == infos[2] and len(infos[0][0]) == 3
+            and infos[0][0][2] % heads == 0)
+
+
+@converter(torch.ops.sparsecc.attention.default, check=_attention_check)
+def _attention(ctx, node, args):
+    q, k, v, heads, scale = args
+    (batch, tokens, width), dtype = shape_dtype(node.args[0])
+    name = dtype_name(dtype)
+    head_dim = width // heads
+    gv = ctx.kernel(("attention", batch, tokens, heads, head_dim, scale, name),
+                    lambda: attention_kernel(batch, tokens, heads, head_dim, scale, name),
+                    f"attention_{batch}x{tokens}x{heads}x{head_dim}_{name}")
+    return relax.call_tir(gv, [q, k, v], relax.TensorType((batch, tokens, width), name))
+
+
+def _layer_norm_check(node: fx.Node) -> bool:
+    x, normalized = node.args[:2]
+    info = shape_dtype(x)
+    return _static_float(node) and info is not None and len(info[0]) >= 1 and list(normalized) == [info[0][-1]]
+
+
+@converter(aten.layer_norm.default, check=_layer_norm_check)
+def _layer_norm(ctx, node, args):
+    x, _, weight, bias = args[:4]
+    eps = args[4] if len(args) > 4 else 1e-5
+    shape, dtype = shape_dtype(node.args[0])
+    name = dtype_name(dtype)
+    width = shape[-1]
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    affine = weight is not None or bias is not None
+    if affine:  # the kernel takes both or neither
+        weight = weight if weight is not None else relax.const(tvm.runtime.from_dlpack(torch.ones(width, dtype=dtype)))
+        bias = bias if bias is not None else relax.const(tvm.runtime.from_dlpack(torch.zeros(width, dtype=dtype)))
+    else:
+        weight = bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, dtype=dtype)))
+    gv = ctx.kernel(("layer_norm", rows, width, eps, name, affine),
+                    lambda: layer_norm_kernel(rows, width, eps, name, affine),
+                    f"layer_norm_{rows}x{width}_{name}")
+    flat = ctx.bb.emit(relax.op.reshape(x, (rows, width)))
+    y = ctx.bb.emit(relax.call_tir(gv, [flat, weight, bias], relax.TensorType((rows, width), name)))
+    return relax.op.reshape(y, shape)

@@ -58,6 +58,22 @@ def _(x, indptr, indices, values, bias, out_features, activation="none", residua
 SPARSE_OPS = frozenset({torch.ops.sparsecc.sparse_linear.default})
 
 
+@torch.library.custom_op("sparsecc::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Multi-head attention without a mask, every tensor (batch, tokens, heads * head_dim) with the heads side by
+    side in the last dimension, as projections produce them (passes/fuse_attention.py rewrites the split into heads,
+    scaled_dot_product_attention and the merge back into this op)."""
+    batch, tokens, width = q.shape
+    split = [t.view(batch, tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(*split, scale=scale)
+    return out.transpose(1, 2).reshape(batch, tokens, width)
+
+
+@attention.register_fake
+def _(q, k, v, heads, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def sparse_linear_args(args: tuple) -> tuple:
     """sparse_linear's 8 arguments, with the defaults of activation and residual filled in when a node omits them."""
     return tuple(args) + ("none", None)[len(args) - 6:]

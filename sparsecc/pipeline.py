@@ -18,10 +18,12 @@ from sparsecc.errors import SparseccError, StageError
 from sparsecc.formats import SparsePlan
 from sparsecc.ops import SPARSE_OPS
 from sparsecc.passes.analyze_weights import analyze_weights
+from sparsecc.passes.fuse_attention import fuse_attention
 from sparsecc.passes.fuse_epilogues import fuse_epilogues
 from sparsecc.passes.partition_regions import partition_regions
 from sparsecc.passes.plan_formats import plan_formats
 from sparsecc.passes.rewrite_sparse import rewrite_sparse
+from sparsecc.passes.simplify_layer_norm import simplify_layer_norm
 from sparsecc.settings import STAGES, Settings
 from sparsecc.tolerances import assert_outputs_close
 
@@ -76,6 +78,12 @@ def _rewrite(s: PipelineState) -> None:
     rewrite_sparse(s.gm, s.settings, s.plan)
     fuse_epilogues(s.gm, s.settings)
     s.sparse_ops = sum(1 for n in s.gm.graph.nodes if n.op == "call_function" and n.target in SPARSE_OPS)
+    # Attention and layer norm as TVM kernels let a transformer layer be one region. Measured no faster than
+    # PyTorch's ops between regions on BERT-base (docs/benchmarks.md), so only offload="all" takes them, and only
+    # beside sparse ops (without those there is no region for them to join).
+    if s.sparse_ops and s.settings.offload == "all":
+        fuse_attention(s.gm, s.settings)
+        simplify_layer_norm(s.gm, s.settings)
     # Records every node's shape for the later stages, and shows the rewritten graph runs in eager PyTorch.
     with torch.no_grad():
         ShapeProp(s.gm).propagate(*s.runtime_inputs(s.example_inputs))

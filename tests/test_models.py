@@ -102,6 +102,39 @@ def test_bert_style_encoder(no_fallback):
     assert watch.sparse_ops == 2 * 6 + 1  # six Linears per layer and the pooler
 
 
+def region_kernels(watch) -> list[str]:
+    """The TIR functions of the first graph compiled, by name."""
+    return [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions]
+
+
+def test_bert_encoder_with_everything_offloaded_is_one_region(no_fallback):
+    # offload="all": attention and layer norm become TVM kernels, so the whole encoder is one region; the pooler
+    # is a second, after the first token's select (which has no converter).
+    model = prune_linears_(tiny_bert(), 0.9)
+    ids = torch.randint(0, 120, (2, 24))
+    actual, expected, watch, _ = run_both(model, ids, min_weight_numel=1, offload="all")
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
+    state = watch.graphs[0].state
+    outer = {str(n.target) for n in state.gm.graph.nodes if n.op == "call_function"}
+    assert not any("attention" in op or "layer_norm" in op for op in outer)
+    assert len(state.regions) == 2 and "aten.select.int" in outer and watch.sparse_ops == 2 * 6 + 1
+    kernels = region_kernels(watch)
+    assert any(k.startswith("attention_2x24x4x16") for k in kernels)
+    assert any(k.startswith("layer_norm_48x64") for k in kernels)
+
+
+def test_attention_with_a_mask_stays_in_pytorch(no_fallback):
+    model = prune_linears_(tiny_bert(), 0.9)
+    ids = torch.randint(0, 120, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 20:] = 0  # padding: a mask the fused kernel does not take
+    actual, expected, watch, _ = run_both(model, ids, mask, min_weight_numel=1, offload="all")
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
+    assert not any(k.startswith("attention") for k in region_kernels(watch))
+    assert watch.sparse_ops == 2 * 6 + 1
+
+
 def test_gpt2_style_decoder_conv1d_weights(no_fallback):
     from transformers import GPT2Config, GPT2Model
 

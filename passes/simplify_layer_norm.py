@@ -1,0 +1,43 @@
+"""native_layer_norm whose mean and reciprocal deviation go unused -> layer_norm, one output.
+
+Why: dynamo's ATen graph spells F.layer_norm as native_layer_norm, three outputs taken apart by getitem; for
+inference only the first is read. With one output the op lowers like any other (codegen/kernels/layer_norm.py),
+and the layer norms between a transformer layer's sparse kernels can join their region.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+from torch import fx
+
+from sparsecc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+
+def simplify_layer_norm(gm: fx.GraphModule, settings: Settings) -> int:
+    """Rewrite every layer norm whose statistics are unused; returns how many."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.native_layer_norm.default:
+            continue
+        users = list(node.users)
+        if any(u.target is not operator.getitem for u in users) or any(u.args[1] != 0 and u.users for u in users):
+            continue
+        x, shape, weight, bias, eps = node.args
+        with gm.graph.inserting_before(node):
+            single = gm.graph.call_function(aten.layer_norm.default, (x, shape, weight, bias, eps))
+        for u in users:
+            if u.args[1] == 0:
+                u.replace_all_uses_with(single)
+        done += 1
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        log.info("simplify_layer_norm: %d layer norms", done)
+    return done
