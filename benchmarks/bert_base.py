@@ -7,6 +7,7 @@ Every candidate's output is checked against eager before it is timed.
     python benchmarks/bert_base.py --sparsity 0.9 0.8 0.95 0
     GOMP_SPINCOUNT=1000 python benchmarks/bert_base.py ...   # PyTorch's OpenMP threads stop spinning sooner
     python benchmarks/bert_base.py --peers sparsecc sparsecc-tvm-pool   # kernels on PyTorch's threads vs TVM's pool
+    python benchmarks/bert_base.py --peers sparsecc sparsecc-offload-all   # attention, layer norm in TVM too
 
 Each sparsecc candidate compiles its own copy of the model (so each keeps its own kernels).
 """
@@ -35,7 +36,7 @@ from sparsecc.tolerances import assert_outputs_close
 
 # In-process candidates compiled with sparsecc, and their options.
 SPARSECC_VARIANTS = {"sparsecc": {}, "sparsecc-tvm-pool": {"thread_pool": "tvm"},
-                     "sparsecc-openmp-pool": {"thread_pool": "openmp"}}
+                     "sparsecc-openmp-pool": {"thread_pool": "openmp"}, "sparsecc-offload-all": {"offload": "all"}}
 IN_PROCESS = ("inductor", *SPARSECC_VARIANTS)
 ONNX_ENGINES = ("deepsparse", "onnxruntime")
 
