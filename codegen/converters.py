@@ -7,6 +7,7 @@ check fails (dtype, dynamic shape, unusual arguments), stays in PyTorch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch
@@ -292,9 +293,7 @@ def _layer_norm(ctx, node, args):
     shape, dtype = shape_dtype(node.args[0])
     name = dtype_name(dtype)
     width = shape[-1]
-    rows = 1
-    for size in shape[:-1]:
-        rows *= size
+    rows = math.prod(shape[:-1])
     affine = weight is not None or bias is not None
     if affine:  # the kernel takes both or neither
         weight = weight if weight is not None else relax.const(tvm.runtime.from_dlpack(torch.ones(width, dtype=dtype)))

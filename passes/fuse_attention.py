@@ -82,23 +82,30 @@ def _fuse(graph: fx.Graph, node: fx.Node) -> bool:
 
 def _replace_output(graph: fx.Graph, out: fx.Node, fused: fx.Node, split_shape: tuple[int, ...]) -> None:
     """Give out's users (which expect (batch, heads, tokens, head_dim)) the fused result. The usual merge,
-    transpose(1, 2) then a reshape, reads the fused output directly; anything else gets the heads split again."""
+    transpose(1, 2) then reshapes, reads the fused output directly (the old merge is left dead for
+    fuse_attention's clean-up); any other user gets the heads split again."""
     batch, tokens, heads, head_dim = split_shape
+    split_again = None
     for user in list(out.users):
-        merge = user
-        while merge.target in RESHAPE_OPS and shape_dtype(merge) and shape_dtype(merge)[0] == shape_dtype(out)[0]:
-            if len(merge.users) != 1:
-                break
-            merge = next(iter(merge.users))
-        if merge.target is aten.transpose.int and sorted(merge.args[1:3]) == [1, 2]:
+        merge = _merge_after(user, shape_dtype(out)[0])
+        if merge is not None:
             for reshape in list(merge.users):
-                if reshape.target in RESHAPE_OPS:
-                    with graph.inserting_before(reshape):
-                        direct = graph.call_function(aten.view.default, (fused, list(shape_dtype(reshape)[0])))
-                    reshape.replace_all_uses_with(direct)
-    graph.eliminate_dead_code()  # the old merge, so that only real users of `out` remain
-    if out in graph.nodes and out.users:
-        with graph.inserting_before(out):
-            split = graph.call_function(aten.view.default, (fused, [batch, tokens, heads, head_dim]))
-            heads_first = graph.call_function(aten.transpose.int, (split, 1, 2))
-        out.replace_all_uses_with(heads_first)
+                with graph.inserting_before(reshape):
+                    direct = graph.call_function(aten.view.default, (fused, list(shape_dtype(reshape)[0])))
+                reshape.replace_all_uses_with(direct)
+            continue
+        if split_again is None:
+            with graph.inserting_before(out):
+                split = graph.call_function(aten.view.default, (fused, [batch, tokens, heads, head_dim]))
+                split_again = graph.call_function(aten.transpose.int, (split, 1, 2))
+        user.replace_input_with(out, split_again)
+
+
+def _merge_after(user: fx.Node, shape) -> fx.Node | None:
+    """The transpose(1, 2) that `user` leads to through same-shape reshapes, if only reshapes read it."""
+    merge = user
+    while merge.target in RESHAPE_OPS and len(merge.users) == 1 and shape_dtype(merge) and shape_dtype(merge)[0] == shape:
+        merge = next(iter(merge.users))
+    if merge.target is not aten.transpose.int or sorted(merge.args[1:3]) != [1, 2]:
+        return None
+    return merge if merge.users and all(r.target in RESHAPE_OPS for r in merge.users) else None

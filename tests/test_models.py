@@ -124,6 +124,27 @@ def test_bert_encoder_with_everything_offloaded_is_one_region(no_fallback):
     assert any(k.startswith("layer_norm_48x64") for k in kernels)
 
 
+class HeadsAveraged(nn.Module):
+    """Attention whose per-head output is read as such (averaged over heads), not merged back."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (f(x).view(b, s, 4, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).mean(1)
+
+
+def test_attention_output_read_per_head(no_fallback):
+    model = prune_linears_(HeadsAveraged(), 0.9)
+    x = torch.randn(2, 12, 32)
+    actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, offload="all")
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert any(k.startswith("attention_2x12x4x8") for k in region_kernels(watch)) and watch.sparse_ops == 3
+
+
 def test_attention_with_a_mask_stays_in_pytorch(no_fallback):
     model = prune_linears_(tiny_bert(), 0.9)
     ids = torch.randint(0, 120, (2, 24))

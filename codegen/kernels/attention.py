@@ -19,9 +19,8 @@ import math
 
 from tvm.script import tirx as T
 
-from sparsecc.codegen.kernels.bsr import STACK_LIMIT_BYTES, elem_bytes
+from sparsecc.codegen.kernels.bsr import STACK_LIMIT_BYTES, horner, elem_bytes
 
-TEMPLATE_VERSION = 1
 QUERY_TILE = 32
 KEY_BLOCK = 4
 DIM_BLOCK = 4
@@ -45,10 +44,7 @@ def exp_expr(v, dtype: str):
     x = T.max(v, T.float32(EXP_LOW))
     n = T.floor(x * T.float32(LOG2E) + T.float32(0.5))
     r = x - n * T.float32(LN2_HIGH) - n * T.float32(LN2_LOW)
-    p = T.float32(EXP_TAYLOR[-1])
-    for c in reversed(EXP_TAYLOR[:-1]):
-        p = p * r + T.float32(c)
-    return p * T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23))
+    return horner(r, EXP_TAYLOR, dtype) * T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23))
 
 
 def attention_kernel(batch: int, tokens: int, heads: int, head_dim: int, scale: float, dtype: str):

@@ -68,7 +68,7 @@ ERF_P = (1.128379022, 0.1927648425, 0.05306059033, 0.003868362981, 0.00028748055
 ERF_Q = (1.0, 0.5041650598, 0.1150849487, 0.01517236623, 0.001188124479, 3.807068636e-05)
 
 
-def _horner(x, coefficients, dtype):
+def horner(x, coefficients, dtype):
     acc = T.cast(coefficients[-1], dtype)
     for c in reversed(coefficients[:-1]):
         acc = acc * x + T.cast(c, dtype)
@@ -82,7 +82,7 @@ def erf_expr(v, dtype: str):
         return T.erf(v)
     x = T.max(T.min(v, T.cast(ERF_CLAMP, dtype)), T.cast(-ERF_CLAMP, dtype))
     s = x * x
-    return x * _horner(s, ERF_P, dtype) / _horner(s, ERF_Q, dtype)
+    return x * horner(s, ERF_P, dtype) / horner(s, ERF_Q, dtype)
 
 
 def prefers_token_outer(k: int) -> bool:

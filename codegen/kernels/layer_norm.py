@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-TEMPLATE_VERSION = 1
 # 16 fp32 lanes: one AVX-512 register.
 LANES = 16
 # Rows a task normalises: enough work per task to hide the launch, 8 tasks for 128 tokens.
