@@ -55,8 +55,10 @@ class Converter:
 
 CONVERTERS: dict[Any, Converter] = {}
 
-# The "sparse" offload policy moves reshapes into regions next to sparse ops.
+# The "sparse" offload policy moves reshapes into regions next to sparse ops, and the ops sparsecc has its own
+# kernels for (faster than PyTorch's or close, and each one in a region can save a region call).
 VIEW_OPS = RESHAPE_OPS
+OWN_KERNEL_OPS = frozenset({torch.ops.sparsecc.attention.default, aten.layer_norm.default})
 
 
 def converter(*ops: Any, check: Callable[[fx.Node], bool] | None = None):

@@ -78,10 +78,10 @@ def _rewrite(s: PipelineState) -> None:
     rewrite_sparse(s.gm, s.settings, s.plan)
     fuse_epilogues(s.gm, s.settings)
     s.sparse_ops = sum(1 for n in s.gm.graph.nodes if n.op == "call_function" and n.target in SPARSE_OPS)
-    # Attention and layer norm as TVM kernels let a transformer layer be one region. Measured no faster than
-    # PyTorch's ops between regions on BERT-base (docs/benchmarks.md), so only offload="all" takes them, and only
-    # beside sparse ops (without those there is no region for them to join).
-    if s.sparse_ops and s.settings.offload == "all":
+    # Attention and layer norm as sparsecc's own kernels let a transformer encoder be one region (BERT-base at 90 %:
+    # about 15 % faster than PyTorch's ops between regions, docs/benchmarks.md). Only beside sparse ops: without
+    # those there is no region for them to join.
+    if s.sparse_ops:
         fuse_attention(s.gm, s.settings)
         simplify_layer_norm(s.gm, s.settings)
     # Records every node's shape for the later stages, and shows the rewritten graph runs in eager PyTorch.
@@ -90,13 +90,14 @@ def _rewrite(s: PipelineState) -> None:
 
 
 def _partition(s: PipelineState) -> None:
-    from sparsecc.codegen.converters import VIEW_OPS, can_lower
+    from sparsecc.codegen.converters import OWN_KERNEL_OPS, VIEW_OPS, can_lower
 
     if s.settings.offload == "all":
         supported, anchor = can_lower, can_lower
     else:
         def supported(node: fx.Node) -> bool:
-            return (node.target in SPARSE_OPS or node.target in VIEW_OPS) and can_lower(node)
+            return (node.target in SPARSE_OPS or node.target in VIEW_OPS or node.target in OWN_KERNEL_OPS) \
+                and can_lower(node)
 
         def anchor(node: fx.Node) -> bool:
             return node.target in SPARSE_OPS

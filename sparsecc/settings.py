@@ -121,8 +121,9 @@ class Settings:
     cost_model: Literal["break-even", "calibrated", "measured"] = "measured"
     # Weights with fewer elements stay dense: the call overhead would eat the saving.
     min_weight_numel: int = 4096
-    # Which ops go to TVM: "sparse" = sparse ops and the reshapes around them (dense work stays in PyTorch,
-    # which runs it faster than untuned TVM); "all" = every op sparsecc has a TVM converter for.
+    # Which ops go to TVM: "sparse" = sparse ops and, joined to them, reshapes, attention and layer norm (sparsecc's
+    # own kernels; other dense work stays in PyTorch, which runs it faster than untuned TVM); "all" = every op
+    # sparsecc has a TVM converter for (element-wise ops too).
     offload: Literal["sparse", "all"] = "sparse"
     # What the kernels are built for: "host" (this CPU), "aarch64", "x86_64" (any AVX2 + FMA CPU), or TVM's JSON
     # form of an LLVM target. Other targets than the host only make sense for sparsecc.export / `sparsecc build`.

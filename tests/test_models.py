@@ -100,6 +100,14 @@ def test_bert_style_encoder(no_fallback):
     torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
     assert watch.sparse_ops == 2 * 6 + 1  # six Linears per layer and the pooler
+    # By default attention and layer norm join the sparse ops' region (sparsecc's own kernels), so the encoder is
+    # one region and the pooler another; the embeddings' adds stay in PyTorch.
+    state = watch.graphs[0].state
+    outer = {str(n.target) for n in state.gm.graph.nodes if n.op == "call_function"}
+    assert len(state.regions) == 2 and not any("attention" in op or "layer_norm" in op for op in outer), outer
+    assert "aten.add.Tensor" in outer
+    kernels = region_kernels(watch)
+    assert any(k.startswith("attention_2x24x4x16") for k in kernels)
 
 
 def region_kernels(watch) -> list[str]:
@@ -108,8 +116,8 @@ def region_kernels(watch) -> list[str]:
 
 
 def test_bert_encoder_with_everything_offloaded_is_one_region(no_fallback):
-    # offload="all": attention and layer norm become TVM kernels, so the whole encoder is one region; the pooler
-    # is a second, after the first token's select (which has no converter).
+    # offload="all": the embeddings' adds join too, so the embeddings' output on is one region; the pooler is a
+    # second, after the first token's select (which has no converter).
     model = prune_linears_(tiny_bert(), 0.9)
     ids = torch.randint(0, 120, (2, 24))
     actual, expected, watch, _ = run_both(model, ids, min_weight_numel=1, offload="all")
@@ -117,7 +125,7 @@ def test_bert_encoder_with_everything_offloaded_is_one_region(no_fallback):
     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
     state = watch.graphs[0].state
     outer = {str(n.target) for n in state.gm.graph.nodes if n.op == "call_function"}
-    assert not any("attention" in op or "layer_norm" in op for op in outer)
+    assert not any("attention" in op or "layer_norm" in op or op == "aten.add.Tensor" for op in outer), outer
     assert len(state.regions) == 2 and "aten.select.int" in outer and watch.sparse_ops == 2 * 6 + 1
     kernels = region_kernels(watch)
     assert any(k.startswith("attention_2x24x4x16") for k in kernels)
