@@ -36,9 +36,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 class LoweringContext:
     bb: relax.BlockBuilder
     kernels: dict[tuple, relax.GlobalVar]
-    # Nodes whose Relax value is in the sparse kernel's token-tiled layout (codegen/kernels/bsr.token_tiled_shape)
-    # rather than their own shape: a sparse_linear feeding only other sparse kernels, and reshapes of it.
-    tiled: set[fx.Node] = dataclasses.field(default_factory=set)
+    # Nodes whose Relax value is in the kernels' token-tiled layout (codegen/kernels/bsr.token_tiled_shape) rather
+    # than their own shape, with their token tile: decided per region by codegen/tiled_layout.py.
+    tiled: dict[fx.Node, int] = dataclasses.field(default_factory=dict)
 
     def kernel(self, key: tuple, make: Callable[[], Any], name: str) -> relax.GlobalVar:
         """One PrimFunc per distinct specialisation; layers of equal shape share it."""
@@ -140,10 +140,11 @@ class SparseLinearSpec:
         epilogue = ("" if self.activation == "none" else f"_{self.activation}") + ("_residual" if self.residual else "")
         return f"{fmt}{rows}_linear_{self.m}x{self.n}x{self.k}_{self.dtype}{epilogue}"
 
-    def kernel(self, knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False):
+    def kernel(self, knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False,
+               residual_tiled: bool = False):
         return bsr_linear_kernel(self.m, self.n, self.k, self.block, self.dtype, self.activation, self.residual,
                                  self.index_dtype, self.column_dtype, knobs=knobs, x_tiled=x_tiled, y_tiled=y_tiled,
-                                 row_blocks=self.row_blocks)
+                                 residual_tiled=residual_tiled, row_blocks=self.row_blocks)
 
     def token_tile(self, knobs: KernelKnobs | None) -> int:
         knobs = knobs or default_knobs(self.m, self.n, self.k, self.block, self.dtype)
@@ -173,45 +174,18 @@ def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Ex
         residual = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, 1, dtype=dtype)))
     knobs = node.meta.get(KNOBS_META)  # None: the template's defaults
     tile = spec.token_tile(knobs)
-    x_tiled = node.args[0] in ctx.tiled
-    y_tiled = _feeds_sparse_kernels_only(node, tile)
-    layouts = ("x_tiled",) * x_tiled + ("y_tiled",) * y_tiled
+    residual_node = sparse_linear_args(node.args)[7]
+    x_tiled, y_tiled, residual_tiled = node.args[0] in ctx.tiled, node in ctx.tiled, residual_node in ctx.tiled
+    layouts = ("x_tiled",) * x_tiled + ("y_tiled",) * y_tiled + ("residual_tiled",) * residual_tiled
     key = (*spec.key, *layouts) if knobs is None else (*spec.key, knobs, *layouts)
-    gv = ctx.kernel(key, lambda: spec.kernel(knobs, x_tiled, y_tiled), "_".join((spec.name, *layouts)))
-    if y_tiled:
-        ctx.tiled.add(node)
+    gv = ctx.kernel(key, lambda: spec.kernel(knobs, x_tiled, y_tiled, residual_tiled), "_".join((spec.name, *layouts)))
     out_shape = token_tiled_shape(spec.m, spec.n, tile) if y_tiled else (spec.m, spec.n)
     return relax.call_tir(gv, [x, indptr, indices, values, bias, residual], relax.TensorType(out_shape, spec.dtype))
 
 
-def _feeds_sparse_kernels_only(node: fx.Node, tile: int) -> bool:
-    """Whether every use of `node`, through reshapes, is as the input x (and only that) of another sparse_linear of
-    the same input shape as node's output and the same token tile: then node can hand its output over in the
-    kernels' token-tiled layout. A use outside the region (its output node) or by any other op rules it out."""
-    shape = shape_dtype(node)[0]
-    pending = [(node, user) for user in node.users]
-    consumers = 0
-    while pending:
-        via, user = pending.pop()
-        if user.op != "call_function":
-            return False
-        if user.target in VIEW_OPS:
-            pending.extend((user, u) for u in user.users)
-            continue
-        if user.target is not torch.ops.sparsecc.sparse_linear.default or not _sparse_check(user):
-            return False
-        if user.args[0] is not via or via in user.args[1:] or shape_dtype(via)[0] != shape:
-            return False
-        if SparseLinearSpec.of(user).token_tile(user.meta.get(KNOBS_META)) != tile:
-            return False
-        consumers += 1
-    return consumers > 0
-
-
 @converter(*VIEW_OPS, check=_static)
 def _reshape(ctx, node, args):
-    if node.args[0] in ctx.tiled:  # a reshape between two sparse kernels: the tiled value passes through
-        ctx.tiled.add(node)
+    if node in ctx.tiled:  # a reshape between two kernels that hand over in token tiles: the value passes through
         return args[0]
     shape, _ = shape_dtype(node)
     return relax.op.reshape(args[0], shape)
@@ -276,10 +250,13 @@ def _attention(ctx, node, args):
     (batch, tokens, width), dtype = shape_dtype(node.args[0])
     name = dtype_name(dtype)
     head_dim = width // heads
-    gv = ctx.kernel(("attention", batch, tokens, heads, head_dim, scale, name),
-                    lambda: attention_kernel(batch, tokens, heads, head_dim, scale, name),
-                    f"attention_{batch}x{tokens}x{heads}x{head_dim}_{name}")
-    return relax.call_tir(gv, [q, k, v], relax.TensorType((batch, tokens, width), name))
+    tiled = frozenset(operand for operand, a in zip(("q", "k", "v", "out"), (*node.args[:3], node)) if a in ctx.tiled)
+    layouts = "".join(f"_{operand}" for operand in ("q", "k", "v", "out") if operand in tiled)
+    gv = ctx.kernel(("attention", batch, tokens, heads, head_dim, scale, name, tiled),
+                    lambda: attention_kernel(batch, tokens, heads, head_dim, scale, name, tiled),
+                    f"attention_{batch}x{tokens}x{heads}x{head_dim}_{name}" + (f"_tiled{layouts}" if tiled else ""))
+    shape = token_tiled_shape(batch * tokens, width, ctx.tiled[node]) if node in ctx.tiled else (batch, tokens, width)
+    return relax.call_tir(gv, [q, k, v], relax.TensorType(shape, name))
 
 
 def _layer_norm_check(node: fx.Node) -> bool:
@@ -302,9 +279,12 @@ def _layer_norm(ctx, node, args):
         bias = bias if bias is not None else relax.const(tvm.runtime.from_dlpack(torch.zeros(width, dtype=dtype)))
     else:
         weight = bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, dtype=dtype)))
-    gv = ctx.kernel(("layer_norm", rows, width, eps, name, affine),
-                    lambda: layer_norm_kernel(rows, width, eps, name, affine),
-                    f"layer_norm_{rows}x{width}_{name}")
-    flat = ctx.bb.emit(relax.op.reshape(x, (rows, width)))
-    y = ctx.bb.emit(relax.call_tir(gv, [flat, weight, bias], relax.TensorType((rows, width), name)))
-    return relax.op.reshape(y, shape)
+    x_tiled, y_tiled = node.args[0] in ctx.tiled, node in ctx.tiled
+    layouts = ("x_tiled",) * x_tiled + ("y_tiled",) * y_tiled
+    gv = ctx.kernel(("layer_norm", rows, width, eps, name, affine, *layouts),
+                    lambda: layer_norm_kernel(rows, width, eps, name, affine, x_tiled, y_tiled),
+                    "_".join((f"layer_norm_{rows}x{width}_{name}", *layouts)))
+    flat = x if x_tiled else ctx.bb.emit(relax.op.reshape(x, (rows, width)))
+    out_shape = token_tiled_shape(rows, width, ctx.tiled[node]) if y_tiled else (rows, width)
+    y = ctx.bb.emit(relax.call_tir(gv, [flat, weight, bias], relax.TensorType(out_shape, name)))
+    return y if y_tiled else relax.op.reshape(y, shape)

@@ -16,6 +16,7 @@ from torch import fx
 from tvm import relax
 
 from sparsecc.codegen.converters import CONVERTERS, LoweringContext, dtype_name
+from sparsecc.codegen.tiled_layout import plan_tiled
 from sparsecc.errors import StageError
 from sparsecc.passes.graph_utils import constant_of, op_name, shape_dtype
 from sparsecc.passes.partition_regions import REGION_PREFIX
@@ -58,6 +59,7 @@ def _lower_region(ctx: LoweringContext, call: fx.Node, sub: fx.GraphModule) -> N
             params.append(var)
             env[node] = var
 
+    ctx.tiled = plan_tiled(sub.graph)
     bb = ctx.bb
     with bb.function(str(call.target), params):
         with bb.dataflow():

@@ -120,16 +120,18 @@ def test_fused_epilogues(activation, with_residual, block):
                                reference(x, w, bias, activation, residual), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("residual_tiled", [False, True])
 @pytest.mark.parametrize("m", [1, 37, 64])
 @pytest.mark.parametrize("blocks", [((1, 1), (1, 1)), ((8, 1), (8, 1)), ((1, 4), (4, 4))])
-def test_kernels_hand_over_in_token_tiles(m, blocks):
-    """A kernel writing y in token tiles and the next one reading it as x give what two row-major kernels give,
-    including token counts that leave the last tile padded."""
+def test_kernels_hand_over_in_token_tiles(m, blocks, residual_tiled):
+    """A kernel writing y in token tiles and the next one reading it as x (and its residual in tiles too, or not)
+    give what two row-major kernels give, including token counts that leave the last tile padded."""
     (b1, b2), (n1, k, n2) = blocks, (64, 48, 32)
     w1, w2 = pattern(n1, k, "random", 0.3, 5, b1), pattern(n2, n1, "empty_rows", 0.3, 6, b2)
     x, bias1, bias2, residual = torch.randn(m, k), torch.randn(n1), torch.randn(n2), torch.randn(m, n2)
     first = bsr_linear_kernel(m, n1, k, b1, "float32", "gelu", column_dtype="int16", y_tiled=True)
-    second = bsr_linear_kernel(m, n2, n1, b2, "float32", "none", True, column_dtype="int16", x_tiled=True)
+    second = bsr_linear_kernel(m, n2, n1, b2, "float32", "none", True, column_dtype="int16", x_tiled=True,
+                               residual_tiled=residual_tiled)
     tile = min(default_knobs(m, n1, k, b1, "float32").token_tile, m)
     assert tile == min(default_knobs(m, n2, n1, b2, "float32").token_tile, m)
     mod = tvm.IRModule({"first": first.with_attr("global_symbol", "first"),
@@ -138,7 +140,12 @@ def test_kernels_hand_over_in_token_tiles(m, blocks):
     hidden, y = torch.empty(token_tiled_shape(m, n1, tile)), torch.empty(m, n2)
     as_tvm = lambda t: tvm.runtime.from_dlpack(t.contiguous())  # noqa: E731
     lib["first"](as_tvm(x), *map(as_tvm, pack_blocks(w1, b1)), as_tvm(bias1), as_tvm(torch.zeros(1, 1)), as_tvm(hidden))
-    lib["second"](as_tvm(hidden), *map(as_tvm, pack_blocks(w2, b2)), as_tvm(bias2), as_tvm(residual), as_tvm(y))
+    residual_in = residual
+    if residual_tiled:  # padded tokens NaN: they must not reach y
+        residual_in = torch.full(token_tiled_shape(m, n2, tile), float("nan"))
+        for i in range(m):
+            residual_in[i // tile, :, i % tile] = residual[i]
+    lib["second"](as_tvm(hidden), *map(as_tvm, pack_blocks(w2, b2)), as_tvm(bias2), as_tvm(residual_in), as_tvm(y))
     expected = reference(reference(x, w1, bias1, "gelu"), w2, bias2, residual=residual)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 

@@ -110,6 +110,24 @@ def test_bert_style_encoder(no_fallback):
     assert any(k.startswith("attention_2x24x4x16") for k in kernels)
 
 
+def test_bert_encoder_hands_over_in_token_tiles(no_fallback):
+    # One sequence of 40 tokens (the last tile padded): every kernel of the encoder region reads and writes the
+    # token-tiled layout, except the first layer norm's input and the last one's output (the region's boundary).
+    model = prune_linears_(tiny_bert(), 0.9)
+    ids = torch.randint(0, 120, (1, 40))
+    actual, expected, watch, _ = run_both(model, ids, min_weight_numel=1)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
+    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
+    kernels = [k for k in region_kernels(watch) if not k.startswith("sparsecc_region")]
+    encoder = [k for k in kernels if "_linear_40x" in k or k.startswith(("attention", "layer_norm"))]
+    assert "attention_1x40x4x16_float32_tiled_q_k_v_out" in encoder, encoder
+    assert {k for k in encoder if k.startswith("layer_norm")} == {
+        "layer_norm_40x64_float32_y_tiled", "layer_norm_40x64_float32_x_tiled_y_tiled", "layer_norm_40x64_float32_x_tiled"}
+    linears = [k for k in encoder if "_linear_" in k]
+    assert linears and all("x_tiled_y_tiled" in k for k in linears), linears
+    assert all("residual_tiled" in k for k in linears if "_residual" in k), linears
+
+
 def region_kernels(watch) -> list[str]:
     """The TIR functions of the first graph compiled, by name."""
     return [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions]

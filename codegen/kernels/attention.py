@@ -19,7 +19,7 @@ import math
 
 from tvm.script import tirx as T
 
-from sparsecc.codegen.kernels.bsr import STACK_LIMIT_BYTES, horner, elem_bytes
+from sparsecc.codegen.kernels.bsr import STACK_LIMIT_BYTES, elem_bytes, horner, token_tiled_shape
 
 QUERY_TILE = 32
 KEY_BLOCK = 4
@@ -47,16 +47,46 @@ def exp_expr(v, dtype: str):
     return horner(r, EXP_TAYLOR, dtype) * T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23))
 
 
-def attention_kernel(batch: int, tokens: int, heads: int, head_dim: int, scale: float, dtype: str):
-    """PrimFunc `(q, k, v, out)`, all (batch, tokens, heads * head_dim)."""
-    width = heads * head_dim
+def query_tile(tokens: int, dtype: str) -> int:
+    """Queries a task takes as vector lanes: QUERY_TILE, halved until the score accumulators fit the stack."""
     tile = min(QUERY_TILE, tokens)
     while tile > 1 and KEY_BLOCK * tile * elem_bytes(dtype) >= STACK_LIMIT_BYTES:
         tile //= 2
+    return tile
+
+
+def can_tile(batch: int, tokens: int, dtype: str) -> bool:
+    """Whether q, k, v, out may be in the token-tiled layout: a tile of the flattened tokens must not straddle two
+    sequences."""
+    return batch == 1 or tokens % query_tile(tokens, dtype) == 0
+
+
+def attention_kernel(batch: int, tokens: int, heads: int, head_dim: int, scale: float, dtype: str,
+                     tiled: frozenset[str] = frozenset()):
+    """PrimFunc `(q, k, v, out)`, each (batch, tokens, heads * head_dim), or, when named in `tiled`, in the sparse
+    kernels' token-tiled layout of the (batch * tokens, heads * head_dim) matrix with `query_tile` tokens a tile
+    (bsr.token_tiled_shape; needs `can_tile`). Tiled queries need no transpose and a tiled output is stored in
+    whole vectors."""
+    if not tiled <= {"q", "k", "v", "out"}:
+        raise ValueError(f"tiled names operands out of q, k, v, out: {sorted(tiled)}")
+    if tiled and not can_tile(batch, tokens, dtype):
+        raise ValueError(f"attention over {batch} sequences of {tokens} tokens cannot be token-tiled: tiles of "
+                         f"{query_tile(tokens, dtype)} would straddle sequences")
+    width = heads * head_dim
+    tile = query_tile(tokens, dtype)
     tiles = (tokens + tile - 1) // tile
     key_blocks, key_tail = divmod(tokens, KEY_BLOCK)
     dim_block = next(b for b in (DIM_BLOCK, 2, 1) if head_dim % b == 0)
-    shape = (batch, tokens, width)
+    shapes = {name: token_tiled_shape(batch * tokens, width, tile) if name in tiled else (batch, tokens, width)
+              for name in ("q", "k", "v", "out")}
+
+    q_tiled, k_tiled, v_tiled, out_tiled = ("q" in tiled), ("k" in tiled), ("v" in tiled), ("out" in tiled)
+
+    def at(buf, is_tiled, b, token, column):
+        # Element (b, token, column) of an operand in its layout.
+        if is_tiled:
+            return buf[(b * tokens + token) // tile, column, (b * tokens + token) % tile]
+        return buf[b, token, column]
 
     @T.macro
     def add_scores(Kb, QT, ST, mx, acc, b, h, first, count):
@@ -67,7 +97,7 @@ def attention_kernel(batch: int, tokens: int, heads: int, head_dim: int, scale: 
         for dd in T.serial(head_dim):
             for jj in T.unroll(count):
                 for t in T.vectorized(tile):
-                    acc[jj, t] = acc[jj, t] + Kb[b, first + jj, h * head_dim + dd] * QT[dd, t]
+                    acc[jj, t] = acc[jj, t] + at(Kb, k_tiled, b, first + jj, h * head_dim + dd) * QT[dd, t]
         for jj in T.unroll(count):
             for t in T.vectorized(tile):
                 ST[first + jj, t] = acc[jj, t]
@@ -76,10 +106,10 @@ def attention_kernel(batch: int, tokens: int, heads: int, head_dim: int, scale: 
     @T.prim_func(private=True)
     def kernel(q: T.handle, k: T.handle, v: T.handle, out: T.handle):
         T.func_attr({"tir.noalias": True})
-        Q = T.match_buffer(q, shape, dtype)
-        Kb = T.match_buffer(k, shape, dtype)
-        V = T.match_buffer(v, shape, dtype)
-        O = T.match_buffer(out, shape, dtype)
+        Q = T.match_buffer(q, shapes["q"], dtype)
+        Kb = T.match_buffer(k, shapes["k"], dtype)
+        V = T.match_buffer(v, shapes["v"], dtype)
+        O = T.match_buffer(out, shapes["out"], dtype)
         for task in T.parallel(batch * heads * tiles):
             # "global" scope: TVM keeps a CPU allocation on the stack only in that scope and under
             # STACK_LIMIT_BYTES (the accumulators); the larger buffers come from the workspace allocator.
@@ -91,11 +121,19 @@ def attention_kernel(batch: int, tokens: int, heads: int, head_dim: int, scale: 
             b = task // (heads * tiles)
             h = task // tiles % heads
             first = task % tiles * tile
-            for t in T.serial(tile):
+            if q_tiled:
+                # A tile starts a sequence's tile (can_tile); queries past the last token hold whatever the
+                # producer left in the padding, and their lanes are never stored in a row-major output.
                 for dd in T.serial(head_dim):
-                    # Queries past the last token are zeros: their scores are computed and never stored.
-                    QT[dd, t] = T.if_then_else(first + t < tokens, Q[b, T.min(first + t, tokens - 1), h * head_dim + dd],
-                                               T.cast(0, dtype)) * T.cast(scale, dtype)
+                    for t in T.vectorized(tile):
+                        QT[dd, t] = Q[(b * tokens + first) // tile, h * head_dim + dd, t] * T.cast(scale, dtype)
+            else:
+                for t in T.serial(tile):
+                    for dd in T.serial(head_dim):
+                        # Queries past the last token are zeros: their scores are computed and never stored.
+                        QT[dd, t] = T.if_then_else(first + t < tokens,
+                                                   Q[b, T.min(first + t, tokens - 1), h * head_dim + dd],
+                                                   T.cast(0, dtype)) * T.cast(scale, dtype)
             for t in T.vectorized(tile):
                 mx[t] = T.min_value(dtype)
                 total[t] = T.cast(0, dtype)
@@ -116,10 +154,15 @@ def attention_kernel(batch: int, tokens: int, heads: int, head_dim: int, scale: 
                 for j in T.serial(tokens):
                     for di in T.unroll(dim_block):
                         for t in T.vectorized(tile):
-                            acc[di, t] = acc[di, t] + V[b, j, h * head_dim + d0 * dim_block + di] * ST[j, t]
-                for t in T.serial(tile):
-                    for di in T.serial(dim_block):
-                        if first + t < tokens:
-                            O[b, first + t, h * head_dim + d0 * dim_block + di] = acc[di, t] * total[t]
+                            acc[di, t] = acc[di, t] + at(V, v_tiled, b, j, h * head_dim + d0 * dim_block + di) * ST[j, t]
+                if out_tiled:
+                    for di in T.unroll(dim_block):
+                        for t in T.vectorized(tile):
+                            O[(b * tokens + first) // tile, h * head_dim + d0 * dim_block + di, t] = acc[di, t] * total[t]
+                else:
+                    for t in T.serial(tile):
+                        for di in T.serial(dim_block):
+                            if first + t < tokens:
+                                O[b, first + t, h * head_dim + d0 * dim_block + di] = acc[di, t] * total[t]
 
     return kernel

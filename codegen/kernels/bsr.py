@@ -36,7 +36,7 @@ from tvm.script import tirx as T
 # Bump when the generated code changes for the same knobs: tuning results stored for an older template are
 # then ignored (the tuning database keys on it).
 TEMPLATE = "bsr_linear"
-TEMPLATE_VERSION = 8
+TEMPLATE_VERSION = 9
 
 # Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128 for 1-row blocks.
 TOKEN_TILE = 32
@@ -163,12 +163,12 @@ def token_tiled_shape(m: int, width: int, tile: int) -> tuple[int, int, int]:
 def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",
                       residual: bool = False, index_dtype: str = "int32", column_dtype: str = "int32", *,
                       knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False,
-                      row_blocks: int | None = None):
+                      residual_tiled: bool = False, row_blocks: int | None = None):
     """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], res, y[m, n])`.
     `res` is (m, n) when `residual`, else an unused (1, 1) buffer. Needs n % r == 0 and k % c == 0 (the planner
     only picks block shapes that divide the weight). `knobs` defaults to `default_knobs(m, n, k, block, dtype)`.
-    `x_tiled` / `y_tiled`: x / y come in / go out in `token_tiled_shape` with the knobs' token tile (clipped to m)
-    instead of (m, k) / (m, n); a tiled x needs no transpose.
+    `x_tiled` / `y_tiled` / `residual_tiled`: x / y / res come in / go out in `token_tiled_shape` with the knobs'
+    token tile (clipped to m) instead of (m, k) / (m, n) / (m, n); a tiled x needs no transpose.
     `row_blocks`: every block-row stores exactly this many blocks (ELL rows, `uniform_row_blocks`): the kernel then
     never reads indptr, and each row's loop has a constant trip count that LLVM unrolls."""
     if activation not in ACTIVATIONS:
@@ -189,7 +189,7 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     tasks = task_count(n, block, knobs.rows_per_task)
     search_steps = block_rows.bit_length() + 1
     rows = group * r
-    res_shape = (m, n) if residual else (1, 1)
+    res_shape = (token_tiled_shape(m, n, tile) if residual_tiled else (m, n)) if residual else (1, 1)
     k_strips = (k + TRANSPOSE_STRIP - 1) // TRANSPOSE_STRIP
     x_shape = token_tiled_shape(m, k, tile) if x_tiled else (m, k)
     y_shape = token_tiled_shape(m, n, tile) if y_tiled else (m, n)
@@ -221,6 +221,12 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                         span[s] = (span[s] + span[2]) // 2 + 1
                     else:
                         span[2] = (span[s] + span[2]) // 2
+
+    def residual_at(R, mo, t, row):
+        # Padded tokens of a row-major residual read its last row: their outputs are never used.
+        if residual_tiled:
+            return R[mo, row, t]
+        return R[T.min(mo * tile + t, m - 1), row]
 
     @T.macro
     def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, first, end):
@@ -273,7 +279,7 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                 if first * r + i < end * r:
                     for t in T.vectorized(tile):
                         if residual:
-                            Y[mo, first * r + i, t] = out[i, t] + R[T.min(mo * tile + t, m - 1), first * r + i]
+                            Y[mo, first * r + i, t] = out[i, t] + residual_at(R, mo, t, first * r + i)
                         else:
                             Y[mo, first * r + i, t] = out[i, t]
         else:
@@ -281,7 +287,7 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                 for i in T.serial(rows):
                     if mo * tile + t < m and first * r + i < end * r:
                         if residual:
-                            Y[mo * tile + t, first * r + i] = out[i, t] + R[mo * tile + t, first * r + i]
+                            Y[mo * tile + t, first * r + i] = out[i, t] + residual_at(R, mo, t, first * r + i)
                         else:
                             Y[mo * tile + t, first * r + i] = out[i, t]
 

@@ -3,11 +3,16 @@
 Why it exists: layer norm sits between the sparse kernels of a transformer layer; left in PyTorch it cut every
 layer into three TVM regions. Rows are independent, so tasks take runs of rows; each row's sums run in `LANES`
 vector lanes (then across them), as TVM's generic reduction would run one value at a time.
+
+Between sparse kernels the activations are in their token-tiled layout (bsr.token_tiled_shape). There a task takes
+a tile of tokens as the vector lanes and walks the width: every sum is a vector add, with no reduction across lanes.
 """
 
 from __future__ import annotations
 
 from tvm.script import tirx as T
+
+from sparsecc.codegen.kernels.bsr import TOKEN_TILE, token_tiled_shape
 
 # 16 fp32 lanes: one AVX-512 register.
 LANES = 16
@@ -17,9 +22,18 @@ ROWS_PER_TASK = 16
 CHAINS = 4
 
 
-def layer_norm_kernel(rows: int, width: int, eps: float, dtype: str, affine: bool):
+def token_tile(rows: int) -> int:
+    """Tokens a tile of the token-tiled layout holds: the sparse kernels' default, clipped to the token count."""
+    return min(TOKEN_TILE, rows)
+
+
+def layer_norm_kernel(rows: int, width: int, eps: float, dtype: str, affine: bool, x_tiled: bool = False,
+                      y_tiled: bool = False):
     """PrimFunc `(x[rows, width], weight[width], bias[width], y[rows, width])`; weight and bias are unused
-    (1,) buffers when not `affine`."""
+    (1,) buffers when not `affine`. `x_tiled` / `y_tiled`: x / y in the token-tiled layout with `token_tile(rows)`
+    tokens a tile instead."""
+    if x_tiled or y_tiled:
+        return _token_lanes_kernel(rows, width, eps, dtype, affine, x_tiled, y_tiled)
     lanes = LANES if width % LANES == 0 else 1
     chunks = width // lanes
     chains = CHAINS if chunks % CHAINS == 0 else 1
@@ -76,5 +90,78 @@ def layer_norm_kernel(rows: int, width: int, eps: float, dtype: str, affine: boo
                                     c * lanes + l]
                             else:
                                 Y[row, c * lanes + l] = (X[row, c * lanes + l] - stat[0]) * stat[1]
+
+    return kernel
+
+
+def _token_lanes_kernel(rows: int, width: int, eps: float, dtype: str, affine: bool, x_tiled: bool, y_tiled: bool):
+    tile = token_tile(rows)
+    tiles = (rows + tile - 1) // tile
+    chains = CHAINS if width % CHAINS == 0 else 1  # independent partial sums, for speed and accuracy
+    param = (width,) if affine else (1,)
+    x_shape = token_tiled_shape(rows, width, tile) if x_tiled else (rows, width)
+    y_shape = token_tiled_shape(rows, width, tile) if y_tiled else (rows, width)
+
+    def x_at(X, mo, t, c):
+        # Padded tokens of a row-major x read its last row; their results are never stored in a row-major y.
+        if x_tiled:
+            return X[mo, c, t]
+        return X[T.min(mo * tile + t, rows - 1), c]
+
+    @T.prim_func(private=True)
+    def kernel(x: T.handle, weight: T.handle, bias: T.handle, y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        X = T.match_buffer(x, x_shape, dtype)
+        W = T.match_buffer(weight, param, dtype)
+        B = T.match_buffer(bias, param, dtype)
+        Y = T.match_buffer(y, y_shape, dtype)
+        for mo in T.parallel(tiles):
+            # The mean as the first value plus the mean offset from it, then the squared deviations from the mean:
+            # digits survive when the mean is large against the spread (see row_sum above).
+            mean = T.alloc_local((tile,), dtype, scope="global")
+            rstd = T.alloc_local((tile,), dtype, scope="global")
+            part = T.alloc_local((chains, tile), dtype, scope="global")
+            for q in T.unroll(chains):
+                for t in T.vectorized(tile):
+                    part[q, t] = T.cast(0, dtype)
+            for c in T.serial(width // chains):
+                for q in T.unroll(chains):
+                    for t in T.vectorized(tile):
+                        part[q, t] = part[q, t] + (x_at(X, mo, t, c * chains + q) - x_at(X, mo, t, 0))
+            for t in T.vectorized(tile):
+                mean[t] = T.cast(0, dtype)
+            for q in T.unroll(chains):
+                for t in T.vectorized(tile):
+                    mean[t] = mean[t] + part[q, t]
+                    part[q, t] = T.cast(0, dtype)
+            for t in T.vectorized(tile):
+                mean[t] = mean[t] / T.cast(width, dtype) + x_at(X, mo, t, 0)
+            for c in T.serial(width // chains):
+                for q in T.unroll(chains):
+                    for t in T.vectorized(tile):
+                        part[q, t] = part[q, t] + (x_at(X, mo, t, c * chains + q) - mean[t]) * (
+                            x_at(X, mo, t, c * chains + q) - mean[t])
+            for t in T.vectorized(tile):
+                rstd[t] = T.cast(0, dtype)
+            for q in T.unroll(chains):
+                for t in T.vectorized(tile):
+                    rstd[t] = rstd[t] + part[q, t]
+            for t in T.vectorized(tile):
+                rstd[t] = T.cast(1, dtype) / T.sqrt(rstd[t] / T.cast(width, dtype) + T.cast(eps, dtype))
+            if y_tiled:
+                for c in T.serial(width):
+                    for t in T.vectorized(tile):
+                        if affine:
+                            Y[mo, c, t] = (x_at(X, mo, t, c) - mean[t]) * rstd[t] * W[c] + B[c]
+                        else:
+                            Y[mo, c, t] = (x_at(X, mo, t, c) - mean[t]) * rstd[t]
+            else:
+                for t in T.serial(tile):
+                    if mo * tile + t < rows:
+                        for c in T.serial(width):
+                            if affine:
+                                Y[mo * tile + t, c] = (x_at(X, mo, t, c) - mean[t]) * rstd[t] * W[c] + B[c]
+                            else:
+                                Y[mo * tile + t, c] = (x_at(X, mo, t, c) - mean[t]) * rstd[t]
 
     return kernel
