@@ -26,26 +26,13 @@ import tvm
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.calibration import random_blocked
-from sparsecc.codegen.kernels.bsr import token_tiled_shape
+from sparsecc.codegen.kernels.bsr import from_token_tiles, to_token_tiles, token_tiled_shape
 from sparsecc.codegen.targets import host_target
 from sparsecc.codegen.tuning import KernelTask
 
 from kernel_alone import pair  # benchmarks/ is the script's own directory
 
 VARIANTS = {"plain": (False, False), "x_tiled": (True, False), "y_tiled": (False, True), "both": (True, True)}
-
-
-def to_tiled(a: np.ndarray, tile: int) -> np.ndarray:
-    m, width = a.shape
-    tiles = token_tiled_shape(m, width, tile)[0]
-    padded = np.zeros((tiles * tile, width), a.dtype)
-    padded[:m] = a
-    return np.ascontiguousarray(padded.reshape(tiles, tile, width).transpose(0, 2, 1))
-
-
-def from_tiled(a: np.ndarray, m: int) -> np.ndarray:
-    tiles, width, tile = a.shape
-    return a.transpose(0, 2, 1).reshape(tiles * tile, width)[:m]
 
 
 class Variant:
@@ -59,13 +46,13 @@ class Variant:
         inputs = task.inputs()
         expected = task.reference(inputs)
         if x_tiled:
-            inputs[0] = to_tiled(inputs[0], tile)
+            inputs[0] = to_token_tiles(torch.from_numpy(inputs[0]), tile).numpy()
         y_shape = token_tiled_shape(spec.m, spec.n, tile) if y_tiled else (spec.m, spec.n)
         dev = tvm.cpu()
         self.args = [tvm.runtime.tensor(a, dev) for a in inputs] + [tvm.runtime.tensor(np.zeros(y_shape, expected.dtype), dev)]
         self.lib.mod["kernel"](*self.args)
         y = self.args[-1].numpy()
-        y = from_tiled(y, spec.m) if y_tiled else y
+        y = from_token_tiles(torch.from_numpy(y), (spec.m, spec.n)).numpy() if y_tiled else y
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
         self.timer = self.lib.mod.time_evaluator("kernel", dev, number=20, repeat=1)
 

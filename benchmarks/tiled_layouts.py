@@ -17,24 +17,13 @@ import tvm
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.codegen.kernels.attention import attention_kernel, query_tile
-from sparsecc.codegen.kernels.bsr import bsr_linear_kernel, token_tiled_shape
+from sparsecc.codegen.kernels.bsr import bsr_linear_kernel, from_token_tiles, to_token_tiles, token_tiled_shape
 from sparsecc.codegen.kernels.layer_norm import layer_norm_kernel
 from sparsecc.codegen.targets import host_target
 from sparsecc.packing import pack_blocks
 
 TOKENS, WIDTH, FFN, HEADS = 128, 768, 3072, 12
 TILE = 32
-
-
-def to_tiles(x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
-    padded = torch.nn.functional.pad(flat, (0, 0, 0, -flat.shape[0] % TILE))
-    return padded.reshape(-1, TILE, flat.shape[1]).transpose(1, 2).contiguous()
-
-
-def from_tiles(t: torch.Tensor, shape) -> torch.Tensor:
-    tokens = torch.Size(shape).numel() // shape[-1]
-    return t.transpose(1, 2).reshape(-1, t.shape[1])[:tokens].reshape(shape)
 
 
 def linear_case(n: int, k: int, activation: str, residual: bool):
@@ -46,9 +35,9 @@ def linear_case(n: int, k: int, activation: str, residual: bool):
     def variant(tiled: bool):
         kernel = bsr_linear_kernel(TOKENS, n, k, (1, 1), "float32", activation, residual, column_dtype=columns,
                                    x_tiled=tiled, y_tiled=tiled, residual_tiled=tiled and residual)
-        r = (to_tiles(res) if tiled else res) if residual else torch.zeros(1, 1)
+        r = (to_token_tiles(res, TILE) if tiled else res) if residual else torch.zeros(1, 1)
         out = torch.empty(token_tiled_shape(TOKENS, n, TILE) if tiled else (TOKENS, n))
-        return kernel, [to_tiles(x) if tiled else x, *packed, bias, r], out
+        return kernel, [to_token_tiles(x, TILE) if tiled else x, *packed, bias, r], out
 
     name = f"csr {n}x{k}" + (f" {activation}" if activation != "none" else "") + (" +residual" if residual else "")
     return name, variant, (TOKENS, n)
@@ -62,7 +51,7 @@ def attention_case():
         names = frozenset({"q", "k", "v", "out"} if tiled else ())
         kernel = attention_kernel(1, TOKENS, HEADS, WIDTH // HEADS, 0.125, "float32", names)
         out = torch.empty(token_tiled_shape(TOKENS, WIDTH, TILE) if tiled else (1, TOKENS, WIDTH))
-        return kernel, [to_tiles(t) if tiled else t for t in (q, k, v)], out
+        return kernel, [to_token_tiles(t, TILE) if tiled else t for t in (q, k, v)], out
 
     return f"attention 1x{TOKENS}x{HEADS}x{WIDTH // HEADS}", variant, (1, TOKENS, WIDTH)
 
@@ -73,7 +62,7 @@ def layer_norm_case():
     def variant(tiled: bool):
         kernel = layer_norm_kernel(TOKENS, WIDTH, 1e-12, "float32", True, tiled, tiled)
         out = torch.empty(token_tiled_shape(TOKENS, WIDTH, TILE) if tiled else (TOKENS, WIDTH))
-        return kernel, [to_tiles(x) if tiled else x, weight, bias], out
+        return kernel, [to_token_tiles(x, TILE) if tiled else x, weight, bias], out
 
     return f"layer norm {TOKENS}x{WIDTH}", variant, (TOKENS, WIDTH)
 
@@ -100,7 +89,7 @@ def main() -> None:
         results = []
         for fn, tensors, out, tiled in runs:
             fn(*tensors)
-            results.append(from_tiles(out, shape) if tiled else out)
+            results.append(from_token_tiles(out, shape) if tiled else out)
         torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)  # the layouts agree
         samples: list[list[float]] = [[], []]
         for _ in range(args.rounds):

@@ -6,7 +6,7 @@ import torch
 import tvm
 
 from sparsecc.codegen.kernels.attention import attention_kernel, can_tile, query_tile
-from sparsecc.codegen.kernels.bsr import token_tiled_shape
+from sparsecc.codegen.kernels.bsr import from_token_tiles, to_token_tiles, token_tiled_shape
 from sparsecc.codegen.kernels.layer_norm import layer_norm_kernel, token_tile
 from sparsecc.codegen.targets import host_target
 from sparsecc.ops import attention
@@ -22,20 +22,6 @@ def call(lib, *tensors):
 
 def error(actual, exact):
     return (actual.double() - exact).abs().max().item()
-
-
-def to_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
-    """x read as a (tokens, width) matrix -> the token-tiled layout; padded tokens NaN, which must not leak."""
-    flat = x.reshape(-1, x.shape[-1])
-    tiled = torch.full(token_tiled_shape(flat.shape[0], flat.shape[1], tile), float("nan"), dtype=x.dtype)
-    for i, row in enumerate(flat):
-        tiled[i // tile, :, i % tile] = row
-    return tiled
-
-
-def from_tiles(tiled: torch.Tensor, shape) -> torch.Tensor:
-    tokens = torch.Size(shape).numel() // shape[-1]
-    return torch.stack([tiled[i // tiled.shape[2], :, i % tiled.shape[2]] for i in range(tokens)]).reshape(shape)
 
 
 @pytest.mark.parametrize("batch, tokens, heads, head_dim", [
@@ -63,11 +49,11 @@ def test_attention_kernel_token_tiled(batch, tokens, tiled):
     tile = query_tile(tokens, "float32")
     g = torch.Generator().manual_seed(tokens)
     q, k, v = (torch.randn(batch, tokens, heads * head_dim, generator=g) * 2 for _ in range(3))
-    inputs = [to_tiles(t, tile) if name in tiled else t for name, t in zip("qkv", (q, k, v))]
+    inputs = [to_token_tiles(t, tile, float("nan")) if name in tiled else t for name, t in zip("qkv", (q, k, v))]
     out = torch.full(token_tiled_shape(batch * tokens, heads * head_dim, tile) if "out" in tiled else q.shape,
                      float("nan"))
     call(build(attention_kernel(batch, tokens, heads, head_dim, scale, "float32", frozenset(tiled))), *inputs, out)
-    actual = from_tiles(out, q.shape) if "out" in tiled else out
+    actual = from_token_tiles(out, q.shape) if "out" in tiled else out
     exact = attention(q.double(), k.double(), v.double(), heads, scale)
     assert error(actual, exact) <= max(2 * error(attention(q, k, v, heads, scale), exact), 1e-5)
 
@@ -97,8 +83,8 @@ def test_layer_norm_kernel_matches_pytorch(rows, width, affine, layout):
     tile = token_tile(rows)
     out = torch.full(token_tiled_shape(rows, width, tile) if y_tiled else x.shape, float("nan"))
     kernel = layer_norm_kernel(rows, width, 1e-5, "float32", affine, x_tiled, y_tiled)
-    call(build(kernel), to_tiles(x, tile) if x_tiled else x, *params, out)
-    out = from_tiles(out, x.shape) if y_tiled else out
+    call(build(kernel), to_token_tiles(x, tile, float("nan")) if x_tiled else x, *params, out)
+    out = from_token_tiles(out, x.shape) if y_tiled else out
     w, b = (weight, bias) if affine else (None, None)
     exact = torch.nn.functional.layer_norm(x.double(), (width,), None if w is None else w.double(),
                                            None if b is None else b.double(), 1e-5)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tvm import relax
 
 from sparsecc.codegen.kernels.bsr import (MAX_TASKS, ROW_WORK, bsr_linear_kernel, default_knobs, task_spans,
-                                          token_tiled_shape, work_prefix)
+                                          to_token_tiles, token_tiled_shape, work_prefix)
 from sparsecc.codegen.targets import host_target
 from sparsecc.ops import ACTIVATIONS
 from sparsecc.packing import pack_blocks, pack_ell, uniform_row_blocks
@@ -140,11 +140,8 @@ def test_kernels_hand_over_in_token_tiles(m, blocks, residual_tiled):
     hidden, y = torch.empty(token_tiled_shape(m, n1, tile)), torch.empty(m, n2)
     as_tvm = lambda t: tvm.runtime.from_dlpack(t.contiguous())  # noqa: E731
     lib["first"](as_tvm(x), *map(as_tvm, pack_blocks(w1, b1)), as_tvm(bias1), as_tvm(torch.zeros(1, 1)), as_tvm(hidden))
-    residual_in = residual
-    if residual_tiled:  # padded tokens NaN: they must not reach y
-        residual_in = torch.full(token_tiled_shape(m, n2, tile), float("nan"))
-        for i in range(m):
-            residual_in[i // tile, :, i % tile] = residual[i]
+    # NaN in a tiled residual's padded tokens must not reach y.
+    residual_in = to_token_tiles(residual, tile, float("nan")) if residual_tiled else residual
     lib["second"](as_tvm(hidden), *map(as_tvm, pack_blocks(w2, b2)), as_tvm(bias2), as_tvm(residual_in), as_tvm(y))
     expected = reference(reference(x, w1, bias1, "gelu"), w2, bias2, residual=residual)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

@@ -48,8 +48,7 @@ def test_mlp_with_odd_sizes(no_fallback):
     torch.testing.assert_close(actual, expected, **FP32)
     # GELU and ReLU fused into the sparse ops' epilogues, so the three layers form one TVM region.
     assert watch.sparse_ops == 3 and watch.regions == 1
-    outer_ops = {str(n.target) for n in watch.graphs[0].state.gm.graph.nodes if n.op == "call_function"}
-    assert not {"aten.gelu.default", "aten.relu.default"} & outer_ops
+    assert not {"aten.gelu.default", "aten.relu.default"} & outer_ops(watch)
     # fc1 and fc2 hand their outputs to the next sparse kernel in its token-tiled layout (no transpose there).
     kernels = sparse_kernel_names(watch)
     assert sum("y_tiled" in k for k in kernels) == 2 and sum("x_tiled" in k for k in kernels) == 2, kernels
@@ -93,18 +92,32 @@ def tiny_bert():
     return BertModel(config)
 
 
-def test_bert_style_encoder(no_fallback):
+def run_tiny_bert(*inputs, **options):
+    """tiny_bert pruned to 90 %, compiled and checked against eager on both outputs; the CompileWatch."""
     model = prune_linears_(tiny_bert(), 0.9)
-    ids = torch.randint(0, 120, (2, 24))
-    actual, expected, watch, _ = run_both(model, ids, min_weight_numel=1)
+    actual, expected, watch, _ = run_both(model, *inputs, min_weight_numel=1, **options)
     torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
+    return watch
+
+
+def region_kernels(watch) -> list[str]:
+    """The TIR functions of the first graph compiled, by name."""
+    return [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions]
+
+
+def outer_ops(watch) -> set[str]:
+    """The ops the first graph compiled still runs in PyTorch."""
+    return {str(n.target) for n in watch.graphs[0].state.gm.graph.nodes if n.op == "call_function"}
+
+
+def test_bert_style_encoder(no_fallback):
+    watch = run_tiny_bert(torch.randint(0, 120, (2, 24)))
     assert watch.sparse_ops == 2 * 6 + 1  # six Linears per layer and the pooler
     # By default attention and layer norm join the sparse ops' region (sparsecc's own kernels), so the encoder is
     # one region and the pooler another; the embeddings' adds stay in PyTorch.
-    state = watch.graphs[0].state
-    outer = {str(n.target) for n in state.gm.graph.nodes if n.op == "call_function"}
-    assert len(state.regions) == 2 and not any("attention" in op or "layer_norm" in op for op in outer), outer
+    outer = outer_ops(watch)
+    assert len(watch.graphs[0].state.regions) == 2 and not any("attention" in op or "layer_norm" in op for op in outer), outer
     assert "aten.add.Tensor" in outer
     kernels = region_kernels(watch)
     assert any(k.startswith("attention_2x24x4x16") for k in kernels)
@@ -113,11 +126,7 @@ def test_bert_style_encoder(no_fallback):
 def test_bert_encoder_hands_over_in_token_tiles(no_fallback):
     # One sequence of 40 tokens (the last tile padded): every kernel of the encoder region reads and writes the
     # token-tiled layout, except the first layer norm's input and the last one's output (the region's boundary).
-    model = prune_linears_(tiny_bert(), 0.9)
-    ids = torch.randint(0, 120, (1, 40))
-    actual, expected, watch, _ = run_both(model, ids, min_weight_numel=1)
-    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
-    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
+    watch = run_tiny_bert(torch.randint(0, 120, (1, 40)))
     kernels = [k for k in region_kernels(watch) if not k.startswith("sparsecc_region")]
     encoder = [k for k in kernels if "_linear_40x" in k or k.startswith(("attention", "layer_norm"))]
     assert "attention_1x40x4x16_float32_tiled_q_k_v_out" in encoder, encoder
@@ -128,21 +137,12 @@ def test_bert_encoder_hands_over_in_token_tiles(no_fallback):
     assert all("residual_tiled" in k for k in linears if "_residual" in k), linears
 
 
-def region_kernels(watch) -> list[str]:
-    """The TIR functions of the first graph compiled, by name."""
-    return [gv.name_hint for gv in watch.graphs[0].state.irmodule.functions]
-
-
 def test_bert_encoder_with_everything_offloaded_is_one_region(no_fallback):
     # offload="all": the embeddings' adds join too, so the embeddings' output on is one region; the pooler is a
     # second, after the first token's select (which has no converter).
-    model = prune_linears_(tiny_bert(), 0.9)
-    ids = torch.randint(0, 120, (2, 24))
-    actual, expected, watch, _ = run_both(model, ids, min_weight_numel=1, offload="all")
-    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
-    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
+    watch = run_tiny_bert(torch.randint(0, 120, (2, 24)), offload="all")
     state = watch.graphs[0].state
-    outer = {str(n.target) for n in state.gm.graph.nodes if n.op == "call_function"}
+    outer = outer_ops(watch)
     assert not any("attention" in op or "layer_norm" in op or op == "aten.add.Tensor" for op in outer), outer
     assert len(state.regions) == 2 and "aten.select.int" in outer and watch.sparse_ops == 2 * 6 + 1
     kernels = region_kernels(watch)
@@ -172,12 +172,9 @@ def test_attention_output_read_per_head(no_fallback):
 
 
 def test_attention_with_a_mask_stays_in_pytorch(no_fallback):
-    model = prune_linears_(tiny_bert(), 0.9)
-    ids = torch.randint(0, 120, (2, 24))
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[1, 20:] = 0  # padding: a mask the fused kernel does not take
-    actual, expected, watch, _ = run_both(model, ids, mask, min_weight_numel=1, offload="all")
-    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
+    watch = run_tiny_bert(torch.randint(0, 120, (2, 24)), mask, offload="all")
     assert not any(k.startswith("attention") for k in region_kernels(watch))
     assert watch.sparse_ops == 2 * 6 + 1
 
@@ -274,10 +271,8 @@ def test_model_with_op_tvm_lacks(no_fallback, offload):
     x = torch.randn(5, 48)
     actual, expected, watch, _ = run_both(model, x, min_weight_numel=1, offload=offload)
     torch.testing.assert_close(actual, expected, **FP32)
-    state = watch.graphs[0].state
-    outer_ops = {str(n.target) for n in state.gm.graph.nodes if n.op == "call_function"}
-    assert "aten.cumsum.default" in outer_ops
-    assert watch.sparse_ops >= 2 and len(state.regions) >= 2
+    assert "aten.cumsum.default" in outer_ops(watch)
+    assert watch.sparse_ops >= 2 and len(watch.graphs[0].state.regions) >= 2
 
 
 def test_weights_changed_after_compiling_are_never_stale(no_fallback):

@@ -29,6 +29,7 @@ the heuristics above; codegen/tuning.py searches the others per kernel and weigh
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from tvm.script import tirx as T
@@ -158,6 +159,23 @@ def token_tiled_shape(m: int, width: int, tile: int) -> tuple[int, int, int]:
     on input. A kernel that feeds another sparse kernel can write its output this way, and the next one then
     skips its transpose (the writer stores whole vectors instead of one value per token)."""
     return ((m + tile - 1) // tile, width, tile)
+
+
+def to_token_tiles(x: torch.Tensor, tile: int, fill: float = 0.0) -> torch.Tensor:
+    """x, read as a (tokens, last dimension) matrix, in `token_tiled_shape`; tokens past the last filled with `fill`.
+    The kernels never convert (they read and write the layout themselves); tests and benchmarks do."""
+    flat = x.reshape(-1, x.shape[-1])
+    tiles, width, _ = token_tiled_shape(flat.shape[0], flat.shape[1], tile)
+    padded = torch.full((tiles * tile, width), fill, dtype=x.dtype)
+    padded[:flat.shape[0]] = flat
+    return padded.reshape(tiles, tile, width).transpose(1, 2).contiguous()
+
+
+def from_token_tiles(tiled: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of `to_token_tiles` for a tensor of `shape`."""
+    tiles, width, tile = tiled.shape
+    tokens = math.prod(shape) // width
+    return tiled.transpose(1, 2).reshape(tiles * tile, width)[:tokens].reshape(shape)
 
 
 def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",

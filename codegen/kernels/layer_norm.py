@@ -108,6 +108,35 @@ def _token_lanes_kernel(rows: int, width: int, eps: float, dtype: str, affine: b
             return X[mo, c, t]
         return X[T.min(mo * tile + t, rows - 1), c]
 
+    def normalised(X, W, B, stat, mo, t, c):
+        value = (x_at(X, mo, t, c) - stat[0, t]) * stat[1, t]
+        return value * W[c] + B[c] if affine else value
+
+    @T.macro
+    def lane_sum(X, part, stat, mo, s):
+        # As row_sum, one sum per token lane: stat[0] = the mean (s = 0), then stat[1] = the mean squared deviation
+        # from it (s = 1); `chains` partial sums down the width, for speed and accuracy.
+        for q in T.unroll(chains):
+            for t in T.vectorized(tile):
+                part[q, t] = T.cast(0, dtype)
+        for c in T.serial(width // chains):
+            for q in T.unroll(chains):
+                for t in T.vectorized(tile):
+                    if s == 0:
+                        part[q, t] = part[q, t] + (x_at(X, mo, t, c * chains + q) - x_at(X, mo, t, 0))
+                    else:
+                        part[q, t] = part[q, t] + (x_at(X, mo, t, c * chains + q) - stat[0, t]) * (
+                            x_at(X, mo, t, c * chains + q) - stat[0, t])
+        for t in T.vectorized(tile):
+            stat[s, t] = T.cast(0, dtype)
+        for q in T.unroll(chains):
+            for t in T.vectorized(tile):
+                stat[s, t] = stat[s, t] + part[q, t]
+        for t in T.vectorized(tile):
+            stat[s, t] = stat[s, t] / T.cast(width, dtype)
+            if s == 0:
+                stat[0, t] = stat[0, t] + x_at(X, mo, t, 0)
+
     @T.prim_func(private=True)
     def kernel(x: T.handle, weight: T.handle, bias: T.handle, y: T.handle):
         T.func_attr({"tir.noalias": True})
@@ -116,52 +145,20 @@ def _token_lanes_kernel(rows: int, width: int, eps: float, dtype: str, affine: b
         B = T.match_buffer(bias, param, dtype)
         Y = T.match_buffer(y, y_shape, dtype)
         for mo in T.parallel(tiles):
-            # The mean as the first value plus the mean offset from it, then the squared deviations from the mean:
-            # digits survive when the mean is large against the spread (see row_sum above).
-            mean = T.alloc_local((tile,), dtype, scope="global")
-            rstd = T.alloc_local((tile,), dtype, scope="global")
+            stat = T.alloc_local((2, tile), dtype, scope="global")
             part = T.alloc_local((chains, tile), dtype, scope="global")
-            for q in T.unroll(chains):
-                for t in T.vectorized(tile):
-                    part[q, t] = T.cast(0, dtype)
-            for c in T.serial(width // chains):
-                for q in T.unroll(chains):
-                    for t in T.vectorized(tile):
-                        part[q, t] = part[q, t] + (x_at(X, mo, t, c * chains + q) - x_at(X, mo, t, 0))
+            lane_sum(X, part, stat, mo, 0)
+            lane_sum(X, part, stat, mo, 1)
             for t in T.vectorized(tile):
-                mean[t] = T.cast(0, dtype)
-            for q in T.unroll(chains):
-                for t in T.vectorized(tile):
-                    mean[t] = mean[t] + part[q, t]
-                    part[q, t] = T.cast(0, dtype)
-            for t in T.vectorized(tile):
-                mean[t] = mean[t] / T.cast(width, dtype) + x_at(X, mo, t, 0)
-            for c in T.serial(width // chains):
-                for q in T.unroll(chains):
-                    for t in T.vectorized(tile):
-                        part[q, t] = part[q, t] + (x_at(X, mo, t, c * chains + q) - mean[t]) * (
-                            x_at(X, mo, t, c * chains + q) - mean[t])
-            for t in T.vectorized(tile):
-                rstd[t] = T.cast(0, dtype)
-            for q in T.unroll(chains):
-                for t in T.vectorized(tile):
-                    rstd[t] = rstd[t] + part[q, t]
-            for t in T.vectorized(tile):
-                rstd[t] = T.cast(1, dtype) / T.sqrt(rstd[t] / T.cast(width, dtype) + T.cast(eps, dtype))
+                stat[1, t] = T.cast(1, dtype) / T.sqrt(stat[1, t] + T.cast(eps, dtype))
             if y_tiled:
                 for c in T.serial(width):
                     for t in T.vectorized(tile):
-                        if affine:
-                            Y[mo, c, t] = (x_at(X, mo, t, c) - mean[t]) * rstd[t] * W[c] + B[c]
-                        else:
-                            Y[mo, c, t] = (x_at(X, mo, t, c) - mean[t]) * rstd[t]
+                        Y[mo, c, t] = normalised(X, W, B, stat, mo, t, c)
             else:
                 for t in T.serial(tile):
                     if mo * tile + t < rows:
                         for c in T.serial(width):
-                            if affine:
-                                Y[mo * tile + t, c] = (x_at(X, mo, t, c) - mean[t]) * rstd[t] * W[c] + B[c]
-                            else:
-                                Y[mo * tile + t, c] = (x_at(X, mo, t, c) - mean[t]) * rstd[t]
+                            Y[mo * tile + t, c] = normalised(X, W, B, stat, mo, t, c)
 
     return kernel
