@@ -39,6 +39,7 @@ class LoweringContext:
     # Nodes whose Relax value is in the kernels' token-tiled layout (codegen/kernels/bsr.token_tiled_shape) rather
     # than their own shape, with their token tile: decided per region by codegen/tiled_layout.py.
     tiled: dict[fx.Node, int] = dataclasses.field(default_factory=dict)
+    threads: int | None = None  # the kernels' threads: the default loop order depends on them
 
     def kernel(self, key: tuple, make: Callable[[], Any], name: str) -> relax.GlobalVar:
         """One PrimFunc per distinct specialisation; layers of equal shape share it."""
@@ -146,6 +147,9 @@ class SparseLinearSpec:
                                  self.index_dtype, self.column_dtype, knobs=knobs, x_tiled=x_tiled, y_tiled=y_tiled,
                                  residual_tiled=residual_tiled, row_blocks=self.row_blocks)
 
+    def default_knobs(self, threads: int | None) -> KernelKnobs:
+        return default_knobs(self.m, self.n, self.k, self.block, self.dtype, threads)
+
     def token_tile(self, knobs: KernelKnobs | None) -> int:
         knobs = knobs or default_knobs(self.m, self.n, self.k, self.block, self.dtype)
         return min(knobs.token_tile, self.m)
@@ -172,12 +176,12 @@ def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Ex
         bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(out_features, dtype=dtype)))
     if residual is None:
         residual = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, 1, dtype=dtype)))
-    knobs = node.meta.get(KNOBS_META)  # None: the template's defaults
+    knobs = node.meta.get(KNOBS_META) or spec.default_knobs(ctx.threads)  # tuned, else the template's defaults
     tile = spec.token_tile(knobs)
     residual_node = sparse_linear_args(node.args)[7]
     x_tiled, y_tiled, residual_tiled = node.args[0] in ctx.tiled, node in ctx.tiled, residual_node in ctx.tiled
     layouts = ("x_tiled",) * x_tiled + ("y_tiled",) * y_tiled + ("residual_tiled",) * residual_tiled
-    key = (*spec.key, *layouts) if knobs is None else (*spec.key, knobs, *layouts)
+    key = (*spec.key, knobs, *layouts)
     gv = ctx.kernel(key, lambda: spec.kernel(knobs, x_tiled, y_tiled, residual_tiled), "_".join((spec.name, *layouts)))
     out_shape = token_tiled_shape(spec.m, spec.n, tile) if y_tiled else (spec.m, spec.n)
     return relax.call_tir(gv, [x, indptr, indices, values, bias, residual], relax.TensorType(out_shape, spec.dtype))

@@ -36,3 +36,7 @@ class TvmRegion(torch.nn.Module):
         outs = self._fn(*[tvm.runtime.from_dlpack(aligned(a)) for a in args], *self._tvm_weights)
         self.calls += 1
         return tuple(torch.from_dlpack(o) for o in outs)
+
+    # Called straight from the outer graph's code, skipping nn.Module's hook dispatch (a few us a call, which a
+    # one-Linear graph of ~150 us notices; nothing hooks this internal module).
+    __call__ = forward

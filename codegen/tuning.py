@@ -122,25 +122,26 @@ def canonical(knobs: KernelKnobs, spec: SparseLinearSpec) -> KernelKnobs:
     r = spec.block[0]
     tile = min(knobs.token_tile, spec.m)
     group = min(max(1, knobs.rows_per_task // r), spec.n // r)
-    outer = knobs.token_outer and (spec.m + tile - 1) // tile > 1
-    return KernelKnobs(token_tile=tile, rows_per_task=group * r, token_outer=outer, chains=knobs.chains)
+    outer = knobs.token_outer and not knobs.token_split and (spec.m + tile - 1) // tile > 1
+    return KernelKnobs(token_tile=tile, rows_per_task=group * r, token_outer=outer, chains=knobs.chains,
+                       token_split=knobs.token_split)
 
 
-def candidate_space(spec: SparseLinearSpec) -> list[KernelKnobs]:
-    """Every distinct knob set for this kernel whose accumulators fit the stack, defaults first."""
-    seen: dict[KernelKnobs, None] = {spec_default(spec): None}
+def candidate_space(spec: SparseLinearSpec, threads: int | None = None) -> list[KernelKnobs]:
+    """Every distinct knob set for this kernel whose accumulators fit the stack, defaults (for `threads`) first."""
+    seen: dict[KernelKnobs, None] = {spec_default(spec, threads): None}
     for tile in TILES:
         for rows in ROWS:
-            for outer in (False, True):
+            for outer, split in ((False, False), (True, False), (False, True)):
                 for chains in CHAINS:
-                    knobs = canonical(KernelKnobs(tile, rows, outer, chains), spec)
+                    knobs = canonical(KernelKnobs(tile, rows, outer, chains, split), spec)
                     if knobs.fits(spec.block, spec.dtype):
                         seen.setdefault(knobs, None)
     return list(seen)
 
 
-def spec_default(spec: SparseLinearSpec) -> KernelKnobs:
-    return canonical(default_knobs(spec.m, spec.n, spec.k, spec.block, spec.dtype), spec)
+def spec_default(spec: SparseLinearSpec, threads: int | None = None) -> KernelKnobs:
+    return canonical(spec.default_knobs(threads), spec)
 
 
 def neighbours(knobs: KernelKnobs, space: Sequence[KernelKnobs]) -> list[KernelKnobs]:
@@ -561,12 +562,13 @@ def tuning_key(task: KernelTask, target: tvm.target.Target) -> TuningKey:
 
 
 def search(task: KernelTask, trials: int, runner: Runner, start: KernelKnobs | None = None,
-           progress: Callable[[int, str], None] | None = None, seed: int = 0) -> tuple[KernelKnobs, float, float, int, bool]:
+           progress: Callable[[int, str], None] | None = None, seed: int = 0,
+           threads: int | None = None) -> tuple[KernelKnobs, float, float, int, bool]:
     """Local search over the task's knobs; returns (best knobs, best us, default us, candidates measured,
     whole space measured)."""
     spec = task.spec
-    space = candidate_space(spec)
-    default = spec_default(spec)
+    space = candidate_space(spec, threads)
+    default = spec_default(spec, threads)
     budget = max(1, min(trials, len(space)))
     inputs = task.inputs()
     expected = task.reference(inputs)
@@ -631,8 +633,8 @@ def tune_tasks(tasks: Sequence[KernelTask], tune: TuneSettings, target: tvm.targ
             results[i] = KernelTuning(task.spec.name, task.layers, knobs, "database", task.spec, key.pattern,
                                       record.best_us, record.default_us)
         elif tune.trials == 0:
-            results[i] = KernelTuning(task.spec.name, task.layers, spec_default(task.spec), "default", task.spec,
-                                      key.pattern)
+            results[i] = KernelTuning(task.spec.name, task.layers, spec_default(task.spec, threads), "default",
+                                      task.spec, key.pattern)
         else:
             todo.append((i, task, key, record))
 
@@ -642,12 +644,13 @@ def tune_tasks(tasks: Sequence[KernelTask], tune: TuneSettings, target: tvm.targ
             runner_factory = _runner_factory(tune, target, threads)
         runner = runner_factory()
         measured_on = runner.description
-        total = sum(min(tune.trials, len(candidate_space(t.spec))) for _, t, _, _ in todo)
+        total = sum(min(tune.trials, len(candidate_space(t.spec, threads))) for _, t, _, _ in todo)
         update, close = progress_bar(total, "sparsecc tune", "trial")
         try:
             for i, task, key, record in todo:
                 t0 = time.perf_counter()
-                best, best_us, default_us, n, exhausted = search(task, tune.trials, runner, _knobs_of(record), update)
+                best, best_us, default_us, n, exhausted = search(task, tune.trials, runner, _knobs_of(record), update,
+                                                                 threads=threads)
                 db.put(TuningRecord(key, best.as_dict(), best_us, default_us, n, exhausted, runner.description))
                 results[i] = KernelTuning(task.spec.name, task.layers, best, "tuned", task.spec, key.pattern, best_us,
                                           default_us, n, time.perf_counter() - t0)

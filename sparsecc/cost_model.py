@@ -137,10 +137,10 @@ BLOCK_TERMS = {"per_visit": "visits", "per_vector_fma": "vector_fmas", "per_dens
 def sparse_work(machine: MachineModel, n: int, k: int, tokens: int, block: tuple[int, int], stored_blocks: int,
                 imbalance: float = 1.0, dtype: str = "float32") -> SparseWork:
     r, c = block
-    knobs = default_knobs(tokens, n, k, block, dtype)
+    threads = max(1, machine.threads)
+    knobs = default_knobs(tokens, n, k, block, dtype, threads)
     tile = min(knobs.token_tile, tokens)
     tiles = -(-tokens // tile)
-    threads = max(1, machine.threads)
     lanes = max(1, machine.lanes * 4 // elem_bytes(dtype))
     busiest = stored_blocks * max(1.0, imbalance) / threads
     visits = round(busiest * tiles)

@@ -121,17 +121,20 @@ def test_fused_epilogues(activation, with_residual, block):
 
 
 @pytest.mark.parametrize("residual_tiled", [False, True])
-@pytest.mark.parametrize("m", [1, 37, 64])
+@pytest.mark.parametrize("m,token_split", [(1, False), (37, False), (64, False), (37, True), (64, True)])
 @pytest.mark.parametrize("blocks", [((1, 1), (1, 1)), ((8, 1), (8, 1)), ((1, 4), (4, 4))])
-def test_kernels_hand_over_in_token_tiles(m, blocks, residual_tiled):
+def test_kernels_hand_over_in_token_tiles(m, token_split, blocks, residual_tiled):
     """A kernel writing y in token tiles and the next one reading it as x (and its residual in tiles too, or not)
-    give what two row-major kernels give, including token counts that leave the last tile padded."""
+    give what two row-major kernels give, including token counts that leave the last tile padded; with threads
+    splitting rows or token tiles."""
     (b1, b2), (n1, k, n2) = blocks, (64, 48, 32)
     w1, w2 = pattern(n1, k, "random", 0.3, 5, b1), pattern(n2, n1, "empty_rows", 0.3, 6, b2)
     x, bias1, bias2, residual = torch.randn(m, k), torch.randn(n1), torch.randn(n2), torch.randn(m, n2)
-    first = bsr_linear_kernel(m, n1, k, b1, "float32", "gelu", column_dtype="int16", y_tiled=True)
+    knobs1 = dataclasses.replace(default_knobs(m, n1, k, b1, "float32"), token_split=token_split)
+    knobs2 = dataclasses.replace(default_knobs(m, n2, n1, b2, "float32"), token_split=token_split)
+    first = bsr_linear_kernel(m, n1, k, b1, "float32", "gelu", column_dtype="int16", y_tiled=True, knobs=knobs1)
     second = bsr_linear_kernel(m, n2, n1, b2, "float32", "none", True, column_dtype="int16", x_tiled=True,
-                               residual_tiled=residual_tiled)
+                               residual_tiled=residual_tiled, knobs=knobs2)
     tile = min(default_knobs(m, n1, k, b1, "float32").token_tile, m)
     assert tile == min(default_knobs(m, n2, n1, b2, "float32").token_tile, m)
     mod = tvm.IRModule({"first": first.with_attr("global_symbol", "first"),
@@ -242,3 +245,50 @@ def test_wide_weights_keep_int32_columns():
     assert packed[1].dtype == torch.int32
     x = torch.randn(3, 40000)
     torch.testing.assert_close(run_kernel(x, w, None), reference(x, w, None))
+
+
+@pytest.mark.parametrize("rows,lanes", [(2, 16), (8, 16), (16, 16), (16, 8), (4, 4), (16, 2)])
+def test_register_transpose(rows, lanes):
+    """R vectors of C lanes come out as C columns of R values, whichever of R and C is larger."""
+    from tvm.script import tirx as T
+
+    from sparsecc.codegen.kernels.transpose import emit_transpose, load, ramp, store
+
+    def block(src, dst):
+        emit_transpose([load(src, [i, ramp(0, lanes)]) for i in range(rows)], lanes,
+                       lambda c, r0, vector, count: store(dst, [c, ramp(r0, count)], vector))
+
+    @T.prim_func
+    def kernel(a: T.Buffer((rows, lanes), "float32"), b: T.Buffer((lanes, rows), "float32")):
+        T.func_attr({"global_symbol": "kernel", "tir.noalias": True})
+        block(a, b)
+
+    lib = tvm.compile(tvm.IRModule({"kernel": kernel}), target=host_target(1))
+    a, b = torch.randn(rows, lanes), torch.full((lanes, rows), float("nan"))
+    lib["kernel"](tvm.runtime.from_dlpack(a), tvm.runtime.from_dlpack(b))
+    torch.testing.assert_close(b, a.t(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("token_split", [False, True])
+@pytest.mark.parametrize("density", [1.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("token_tile,rows_per_task", [(32, 8), (16, 2), (8, 32), (64, 64), (32, 1)])
+def test_row_major_edges_in_register_transposes(token_tile, rows_per_task, dtype, density, token_split):
+    """Row-major x and y go through register transposes where whole blocks fit and scalar loops elsewhere: 69
+    tokens leave a partial tile, K = 40 a partial 16-column strip; rows of equal work (density 1) make every
+    task's rows whole groups, uneven rows leave partial ones. With a residual; threads split rows or tokens."""
+    m, n, k = 69, 64, 40
+    w = pattern(n, k, "random", density, 9).to(dtype)
+    x, bias, residual = torch.randn(m, k, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(m, n, dtype=dtype)
+    knobs = dataclasses.replace(default_knobs(m, n, k, (1, 1), "float32"), token_tile=token_tile,
+                                rows_per_task=rows_per_task, chains=1, token_split=token_split)
+    torch.testing.assert_close(run_kernel(x, w, bias, residual=residual, knobs=knobs),
+                               reference(x, w, bias, residual=residual))
+
+
+def test_threads_split_token_tiles_only_when_they_divide_evenly():
+    assert default_knobs(128, 768, 768, (1, 1), "float32", threads=2).token_split  # 4 tiles
+    assert default_knobs(128, 768, 768, (1, 1), "float32", threads=4).token_split
+    assert not default_knobs(128, 768, 768, (1, 1), "float32", threads=8).token_split  # a thread would idle
+    assert not default_knobs(96, 768, 768, (1, 1), "float32", threads=2).token_split  # 3 tiles: 2 against 1
+    assert not default_knobs(128, 768, 768, (1, 1), "float32").token_split  # threads unknown: rows

@@ -62,6 +62,8 @@ def test_default_knobs_generate_the_untuned_kernel():
     ((1, 1), KernelKnobs(token_tile=16, rows_per_task=4, token_outer=True, chains=2)),
     ((4, 1), KernelKnobs(token_tile=16, rows_per_task=2, token_outer=True, chains=2)),  # rows < r: one block-row
     ((4, 4), KernelKnobs(token_tile=8, rows_per_task=16, token_outer=False, chains=4)),
+    ((1, 1), KernelKnobs(token_tile=16, rows_per_task=8, token_outer=False, chains=4, token_split=True)),
+    ((16, 1), KernelKnobs(token_tile=8, rows_per_task=16, token_outer=False, chains=1, token_split=True)),
 ])
 def test_non_default_knobs_compute_the_same_result(block, knobs):
     w = sparse_weight(64, 48, 0.2, 3, block)

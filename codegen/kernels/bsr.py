@@ -3,7 +3,8 @@ only blocks holding a non-zero stored). CSR is the 1 x 1 case of the same kernel
 
 Layout, and why:
 - x is transposed once into token tiles, (tiles, K, 32): each weight value multiplies a contiguous run of 32
-  tokens, which is broadcast + vector FMA. A gather along K in row-major x would be scalar.
+  tokens, which is broadcast + vector FMA. A gather along K in row-major x would be scalar. The transpose, and the
+  one back into a row-major y, run as register transposes (codegen/kernels/transpose.py) on whole blocks.
 - Each loaded run of x^T is reused by the r rows of a block; block loops are unrolled so the accumulators
   have constant indices and stay in registers (unrolling halved the time at 768x768).
 - Tasks own runs of consecutive block-rows holding equal work (stored blocks plus a per-row cost, found by a
@@ -14,7 +15,9 @@ Layout, and why:
   y[m, n] from each row is one strided store per token.
 - Loop order: "token-outer" runs the token tiles outside the parallel loop, so all threads share one 32-token
   slice of x^T at a time. With the token-tiled layout it only paid once x^T overflows L2 (5 % at K = 3072) and
-  cost 10-30 % at K = 768; `prefers_token_outer` decides unless the caller does.
+  cost 10-30 % at K = 768; `prefers_token_outer` decides unless the caller does. "Token split" instead gives
+  each thread whole token tiles (all rows of them): its slice of x^T is its own, transposed by itself into a
+  one-tile buffer, with no barrier. It wins wherever the tiles divide among the threads (`default_knobs`).
 - Accumulators live on the stack (see STACK_LIMIT_BYTES), so LLVM keeps them in registers.
 - One parallel launch per kernel (transpose, barrier, product): each launch may have to wake TVM's workers.
 - x and y may instead be in the token-tiled layout itself (`token_tiled_shape`), when one sparse kernel feeds the
@@ -32,12 +35,15 @@ import dataclasses
 import math
 
 import torch
+from tvm import tirx
 from tvm.script import tirx as T
+
+from sparsecc.codegen.kernels.transpose import emit_transpose, is_power_of_two, load, ramp, store, vector_lanes
 
 # Bump when the generated code changes for the same knobs: tuning results stored for an older template are
 # then ignored (the tuning database keys on it).
 TEMPLATE = "bsr_linear"
-TEMPLATE_VERSION = 9
+TEMPLATE_VERSION = 10
 
 # Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128 for 1-row blocks.
 TOKEN_TILE = 32
@@ -102,12 +108,16 @@ class KernelKnobs:
         sets the number of tasks, n / rows_per_task up to MAX_TASKS, each owning an equal share of the work.
     token_outer: token tiles outside the parallel loop (all threads share one slice of x^T) or inside it.
     chains: independent accumulator sets the non-zeros of a row are spread over (hides FMA latency).
+    token_split: threads split the token tiles instead of the rows: each owns whole tiles, transposes only those,
+        and runs every row over them (token_outer and the row tasks then do nothing). Even only when the tiles
+        divide among the threads.
     """
 
     token_tile: int
     rows_per_task: int
     token_outer: bool
     chains: int
+    token_split: bool = False
 
     def fits(self, block: tuple[int, int], dtype: str) -> bool:
         """Whether the accumulators stay on the stack (else LLVM stores them after every FMA)."""
@@ -121,13 +131,19 @@ def elem_bytes(dtype: str) -> int:
     return 8 if dtype == "float64" else 4
 
 
-def default_knobs(m: int, n: int, k: int, block: tuple[int, int], dtype: str) -> KernelKnobs:
+def default_knobs(m: int, n: int, k: int, block: tuple[int, int], dtype: str,
+                  threads: int | None = None) -> KernelKnobs:
     """The untuned heuristics: 32-token tiles halved until the accumulators fit the stack, 8 output rows a task,
-    token-outer from K = 2048, 4 / r accumulator chains."""
+    token-outer from K = 2048, 4 / r accumulator chains; threads split the token tiles where `threads` (those
+    the kernel will run on) divide them evenly. Measured at 128 tokens on 2 threads, 90 % CSR: 768 x 768 17 %
+    faster with row-major x and y (8 % with tiled ones), 768 x 3072 23 % (benchmarks/loop_orders.py)."""
     knobs = KernelKnobs(token_tile=TOKEN_TILE, rows_per_task=ROWS_PER_TASK, token_outer=prefers_token_outer(k),
                         chains=max(1, 4 // block[0]))
     while knobs.token_tile > 1 and not knobs.fits(block, dtype):
         knobs = dataclasses.replace(knobs, token_tile=knobs.token_tile // 2)
+    tiles = -(-m // min(knobs.token_tile, m))
+    if threads is not None and tiles % threads == 0:
+        knobs = dataclasses.replace(knobs, token_outer=False, token_split=True)
     return knobs
 
 
@@ -210,6 +226,15 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     res_shape = (token_tiled_shape(m, n, tile) if residual_tiled else (m, n)) if residual else (1, 1)
     k_strips = (k + TRANSPOSE_STRIP - 1) // TRANSPOSE_STRIP
     x_shape = token_tiled_shape(m, k, tile) if x_tiled else (m, k)
+    # Register transposes (codegen/kernels/transpose.py) move whole blocks: `lanes` columns of x per vector in,
+    # `token_lanes` tokens of `rows_out` output rows out. Partial tiles, strips and groups keep the scalar loops.
+    lanes = vector_lanes(dtype)
+    token_lanes = min(tile, lanes)
+    rows_out = min(rows, lanes)
+    transpose_in = (not x_tiled and is_power_of_two(token_lanes) and token_lanes > 1 and tile % token_lanes == 0
+                    and TRANSPOSE_STRIP % lanes == 0)
+    transpose_out = (not y_tiled and is_power_of_two(token_lanes) and token_lanes > 1 and tile % token_lanes == 0
+                     and is_power_of_two(rows_out) and rows_out > 1 and rows % rows_out == 0)
     y_shape = token_tiled_shape(m, n, tile) if y_tiled else (m, n)
 
     if row_blocks is not None and row_blocks < 0:
@@ -246,9 +271,44 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
             return R[mo, row, t]
         return R[T.min(mo * tile + t, m - 1), row]
 
+    def write_back(out, R, Y, mo, first, h, o):
+        # Rows o * rows_out .. of `out`, tokens h * token_lanes ..: into row-major y as runs of rows per token.
+        def put(c, r0, vector, count):
+            token = mo * tile + h * token_lanes + c
+            row = first * r + o * rows_out + r0
+            if residual and residual_tiled:  # rows of one token lie a tile apart: one load each
+                vector = vector + tirx.Shuffle([load(R, [mo, row + i, h * token_lanes + c]) for i in range(count)],
+                                               list(range(count)))
+            elif residual:
+                vector = vector + load(R, [token, ramp(row, count)])
+            store(Y, [token, ramp(row, count)], vector)
+
+        emit_transpose([load(out, [o * rows_out + i, ramp(h * token_lanes, token_lanes)]) for i in range(rows_out)],
+                       token_lanes, put)
+
+    def read_tokens(X, XT, mo, xmo, kb, h, part):
+        # x's tokens h * token_lanes .. of tile mo, columns of strip kb's part: into x^T, a run of tokens per column.
+        column = kb * TRANSPOSE_STRIP + part * lanes
+
+        def put(c, r0, vector, count):
+            store(XT, [xmo, column + c, ramp(h * token_lanes + r0, count)], vector)
+
+        emit_transpose([load(X, [mo * tile + h * token_lanes + i, ramp(column, lanes)]) for i in range(token_lanes)],
+                       lanes, put)
+
     @T.macro
-    def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, first, end):
-        # Block-rows first .. first + group - 1 that lie before `end`, for token tile mo.
+    def write_back_scalar(out, R, Y, mo, first, end):
+        for t in T.serial(tile):
+            for i in T.serial(rows):
+                if mo * tile + t < m and first * r + i < end * r:
+                    if residual:
+                        Y[mo * tile + t, first * r + i] = out[i, t] + residual_at(R, mo, t, first * r + i)
+                    else:
+                        Y[mo * tile + t, first * r + i] = out[i, t]
+
+    @T.macro
+    def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, xmo, first, end):
+        # Block-rows first .. first + group - 1 that lie before `end`, for token tile mo (x^T's tile xmo).
         # "global" scope: TVM keeps a CPU allocation on the stack only in that scope and under STACK_LIMIT_BYTES
         # (an annotation asking for it did not reach the allocation in TVM 0.27).
         out = T.alloc_local((rows, tile), dtype, scope="global")
@@ -265,13 +325,13 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                             for i in T.unroll(r):
                                 for t in T.vectorized(tile):
                                     acc[q, i, t] = acc[q, i, t] + V[start(P, first + g) + e * chains + q, i, j] * XT[
-                                        mo, T.cast(J[start(P, first + g) + e * chains + q], "int32") * c + j, t]
+                                        xmo, T.cast(J[start(P, first + g) + e * chains + q], "int32") * c + j, t]
                 for e in T.serial(stored(P, first + g) % chains):
                     for j in T.unroll(c):
                         for i in T.unroll(r):
                             for t in T.vectorized(tile):
                                 acc[0, i, t] = acc[0, i, t] + V[start(P, first + g + 1) - stored(P, first + g) % chains + e, i, j] * XT[
-                                    mo, T.cast(J[start(P, first + g + 1) - stored(P, first + g) % chains + e],
+                                    xmo, T.cast(J[start(P, first + g + 1) - stored(P, first + g) % chains + e],
                                           "int32") * c + j, t]
                 for q in T.unroll(chains - 1):
                     for i in T.unroll(r):
@@ -300,14 +360,36 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                             Y[mo, first * r + i, t] = out[i, t] + residual_at(R, mo, t, first * r + i)
                         else:
                             Y[mo, first * r + i, t] = out[i, t]
+        elif transpose_out:
+            if first + group <= end and mo * tile + tile <= m:
+                for h in T.serial(tile // token_lanes):
+                    for o in T.serial(rows // rows_out):
+                        write_back(out, R, Y, mo, first, h, o)
+            else:
+                write_back_scalar(out, R, Y, mo, first, end)
         else:
-            for t in T.serial(tile):
-                for i in T.serial(rows):
-                    if mo * tile + t < m and first * r + i < end * r:
-                        if residual:
-                            Y[mo * tile + t, first * r + i] = out[i, t] + residual_at(R, mo, t, first * r + i)
-                        else:
-                            Y[mo * tile + t, first * r + i] = out[i, t]
+            write_back_scalar(out, R, Y, mo, first, end)
+
+    @T.macro
+    def transpose_scalar(X, XT, mo, xmo, kb):
+        for t in T.serial(tile):
+            for kj in T.serial(TRANSPOSE_STRIP):
+                if kb * TRANSPOSE_STRIP + kj < k:
+                    XT[xmo, kb * TRANSPOSE_STRIP + kj, t] = T.if_then_else(
+                        mo * tile + t < m, X[T.min(mo * tile + t, m - 1), kb * TRANSPOSE_STRIP + kj], T.cast(0, dtype))
+
+    @T.macro
+    def transpose_strip(X, XT, mo, xmo, kb):
+        # Token tile mo of X's columns in strip kb into x^T's tile xmo.
+        if transpose_in:
+            if kb * TRANSPOSE_STRIP + TRANSPOSE_STRIP <= k and mo * tile + tile <= m:
+                for h in T.serial(tile // token_lanes):
+                    for part in T.serial(TRANSPOSE_STRIP // lanes):
+                        read_tokens(X, XT, mo, xmo, kb, h, part)
+            else:
+                transpose_scalar(X, XT, mo, xmo, kb)
+        else:
+            transpose_scalar(X, XT, mo, xmo, kb)
 
     @T.macro
     def transpose(X, XT):
@@ -315,12 +397,22 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
         # those lines all map to one L1 set; a strip uses each line it loads 16 times.
         for kb in T.parallel(k_strips):
             for mo in T.serial(m_outer):
-                for t in T.serial(tile):
-                    for kj in T.serial(TRANSPOSE_STRIP):
-                        if kb * TRANSPOSE_STRIP + kj < k:
-                            XT[mo, kb * TRANSPOSE_STRIP + kj, t] = T.if_then_else(
-                                mo * tile + t < m, X[T.min(mo * tile + t, m - 1), kb * TRANSPOSE_STRIP + kj],
-                                T.cast(0, dtype))
+                transpose_strip(X, XT, mo, mo, kb)
+
+    @T.macro
+    def by_token_tiles(X, P, J, V, B, R, Y):
+        # Each thread owns whole token tiles and transposes only its own, into a buffer of one tile that stays in
+        # its cache: no barrier, and no thread reads x^T another core wrote.
+        for mo in T.parallel(m_outer):
+            if x_tiled:
+                for part in T.serial((block_rows + group - 1) // group):
+                    rows_times_tile(X, P, J, V, B, R, Y, X, mo, mo, part * group, block_rows)
+            else:
+                XT = T.alloc_buffer((1, k, tile), dtype)
+                for kb in T.serial(k_strips):
+                    transpose_strip(X, XT, mo, 0, kb)
+                for part in T.serial((block_rows + group - 1) // group):
+                    rows_times_tile(X, P, J, V, B, R, Y, XT, mo, 0, part * group, block_rows)
 
     @T.macro
     def product(X, P, J, V, B, R, Y, XT):
@@ -332,14 +424,14 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                     span = T.alloc_local((3,), "int32", scope="global")
                     task_span(P, task, span)
                     for part in T.serial((span[1] - span[0] + group - 1) // group):
-                        rows_times_tile(X, P, J, V, B, R, Y, XT, mo, span[0] + part * group, span[1])
+                        rows_times_tile(X, P, J, V, B, R, Y, XT, mo, mo, span[0] + part * group, span[1])
         else:
             for task in T.parallel(tasks):
                 span = T.alloc_local((3,), "int32", scope="global")
                 task_span(P, task, span)
                 for part in T.serial((span[1] - span[0] + group - 1) // group):
                     for mo in T.serial(m_outer):
-                        rows_times_tile(X, P, J, V, B, R, Y, XT, mo, span[0] + part * group, span[1])
+                        rows_times_tile(X, P, J, V, B, R, Y, XT, mo, mo, span[0] + part * group, span[1])
 
     @T.prim_func(private=True)
     def kernel(x: T.handle, indptr: T.handle, indices: T.handle, values: T.handle, bias: T.handle, res: T.handle,
@@ -353,7 +445,9 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
         B = T.match_buffer(bias, (n,), dtype)
         R = T.match_buffer(res, res_shape, dtype)
         Y = T.match_buffer(y, y_shape, dtype)
-        if x_tiled:
+        if knobs.token_split:
+            by_token_tiles(X, P, J, V, B, R, Y)
+        elif x_tiled:
             product(X, P, J, V, B, R, Y, X)
         else:
             XT = T.alloc_buffer((m_outer, k, tile), dtype)
