@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from sparsecc.codegen.kernels.bsr import (bsr_linear_kernel, default_knobs, from
 from sparsecc.codegen.openmp_pool import redirect_parallel_launch
 from sparsecc.codegen.targets import host_target
 from sparsecc.packing import pack_blocks
+from sparsecc.timing import interleaved
 
 TOKENS = 128
 SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}  # (out, in)
@@ -78,15 +77,9 @@ def main() -> None:
             got = from_token_tiles(out, (TOKENS, n)) if tiled else out
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
             runs.append((fn, tensors))
-        samples: list[list[float]] = [[] for _ in runs]
-        for _ in range(args.rounds):
-            for i, (fn, tensors) in enumerate(runs):
-                fn(*tensors)
-                for _ in range(args.burst):
-                    start = time.perf_counter()
-                    fn(*tensors)
-                    samples[i].append((time.perf_counter() - start) * 1e6)
-        medians = dict(zip(cases, (statistics.median(s) for s in samples)))
+        timings = interleaved({name: (lambda fn=fn, tensors=tensors: fn(*tensors))
+                               for name, (fn, tensors) in zip(cases, runs)}, repeats=args.rounds, burst=args.burst)
+        medians = {name: t.median_ms * 1e3 for name, t in timings.items()}
         print(f"\ncsr {shape}" + ("" if on_openmp else " (on TVM's pool: no OpenMP launcher here)"))
         for name, us in medians.items():
             layout = name.split(" / ")[0]

@@ -151,7 +151,7 @@ class SparseLinearSpec:
         return default_knobs(self.m, self.n, self.k, self.block, self.dtype, threads)
 
     def token_tile(self, knobs: KernelKnobs | None) -> int:
-        knobs = knobs or default_knobs(self.m, self.n, self.k, self.block, self.dtype)
+        knobs = knobs or self.default_knobs(None)  # the tile does not depend on the threads
         return min(knobs.token_tile, self.m)
 
 
