@@ -15,8 +15,9 @@ machine (sparsecc/calibration.py), stored per target in the cache:
     per block shape because register pressure and unrolling differ,
   * an extra cost per visit when the x^T working set overflows L2,
   * streaming the stored values and indices at the measured bandwidth (again per token tile with token-outer).
-  The busiest thread counts, not the average: rows are split into contiguous runs per thread, so skewed row lengths
-  make one thread late (`imbalance`).
+  The busiest thread counts, not the average: where rows are split into contiguous runs per thread, skewed row
+  lengths make one thread late (`imbalance`); where threads split the token tiles instead (`token_split`), each
+  runs every row, holds one tile of x^T and streams the weight once per tile.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Mapping, Sequence
 from sparsecc.codegen.kernels.bsr import default_knobs, elem_bytes
 
 # Version of the model's features: calibrations stored for another version are measured again.
-MODEL_VERSION = 3
+MODEL_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,12 +143,18 @@ def sparse_work(machine: MachineModel, n: int, k: int, tokens: int, block: tuple
     tile = min(knobs.token_tile, tokens)
     tiles = -(-tokens // tile)
     lanes = max(1, machine.lanes * 4 // elem_bytes(dtype))
-    busiest = stored_blocks * max(1.0, imbalance) / threads
-    visits = round(busiest * tiles)
     size = elem_bytes(dtype)
-    x_bytes = k * (tile if knobs.token_outer else tiles * tile) * size
     weight_bytes = stored_blocks * (r * c * size + 4) + (n // r + 1) * 4
-    passes = tiles if knobs.token_outer else 1
+    if knobs.token_split:
+        # Each thread runs every row over its own tiles: skewed rows cost all threads alike, each thread's x^T is
+        # one tile, and each streams all of the weight once per tile it owns.
+        visits = round(stored_blocks * tiles / threads)
+        x_bytes = k * tile * size
+        passes = tiles
+    else:
+        visits = round(stored_blocks * max(1.0, imbalance) / threads * tiles)
+        x_bytes = k * (tile if knobs.token_outer else tiles * tile) * size
+        passes = tiles if knobs.token_outer else 1
     return SparseWork(
         launches=1 + (tiles if knobs.token_outer else 1),
         transposed=-(-k * tiles * tile // threads),
@@ -179,14 +186,14 @@ def predict_sparse(machine: MachineModel, n: int, k: int, tokens: int, block: tu
 REFERENCE = MachineModel(
     description="reference figures of a 2-core Zen 5 (not measured on the target)", calibrated=False, threads=2,
     lanes=16, l2_bytes=1 << 20,
-    bandwidth=((262144, 4.72e+10), (1048576, 1.31e+11), (4194304, 1.43e+11), (33554432, 7.13e+10)),
+    bandwidth=((262144, 4.86e+10), (1048576, 1.35e+11), (4194304, 1.30e+11), (33554432, 6.22e+10)),
     dense_rate=((1, 1.46e+10), (4, 2.04e+10), (16, 5.42e+10), (64, 7.69e+10), (256, 9.66e+10)),
-    dense_overhead=2.46e-06, launch=1.08e-05, transpose=6.64e-10, output=8.7e-10, spill=9.58e-10,
-    blocks={"1x1": BlockCoefficients(0, 3.87e-10, 0, 0),
-            "1x4": BlockCoefficients(0, 3.12e-10, 0, 0),
-            "4x1": BlockCoefficients(7.97e-10, 1.87e-11, 3.4e-10, 0),
-            "8x1": BlockCoefficients(1.8e-11, 1.44e-10, 0, 0),
-            "16x1": BlockCoefficients(4.37e-12, 6.99e-11, 1.21e-09, 0),
-            "4x4": BlockCoefficients(6.08e-10, 1.16e-10, 2.25e-09, 0),
-            "8x8": BlockCoefficients(2.38e-12, 1.52e-10, 2.47e-09, 0)},
+    dense_overhead=2.66e-06, launch=7.32e-06, transpose=5.75e-10, output=1.6e-09, spill=0,
+    blocks={"1x1": BlockCoefficients(0, 3.92e-10, 0, 0),
+            "1x4": BlockCoefficients(0, 2.97e-10, 0, 0),
+            "4x1": BlockCoefficients(3.02e-10, 1.42e-10, 2.42e-10, 0),
+            "8x1": BlockCoefficients(1.32e-11, 1.05e-10, 8.86e-10, 0),
+            "16x1": BlockCoefficients(5.98e-12, 9.57e-11, 1.32e-10, 0),
+            "4x4": BlockCoefficients(5.02e-10, 2.28e-10, 0, 0),
+            "8x8": BlockCoefficients(2.36e-12, 1.51e-10, 0, 0)},
 )

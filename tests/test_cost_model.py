@@ -20,8 +20,11 @@ def test_predictions_grow_with_work():
     assert predict_dense(m, 1024, 1024, 128) > predict_dense(m, 1024, 1024, 8) > predict_dense(m, 256, 256, 8)
     few, many = (predict_sparse(m, 1024, 1024, 128, (1, 1), nnz) for nnz in (10_000, 100_000))
     assert many > few
-    skewed = predict_sparse(m, 1024, 1024, 128, (1, 1), 100_000, imbalance=1.8)
-    assert skewed > many
+    # 96 tokens are 3 tiles, which 2 threads cannot split: rows are split, and skewed rows make one thread late.
+    even_rows = predict_sparse(m, 1024, 1024, 96, (1, 1), 100_000)
+    assert predict_sparse(m, 1024, 1024, 96, (1, 1), 100_000, imbalance=1.8) > even_rows
+    # 128 tokens are 4 tiles: each thread runs every row over two of them, so skew costs nothing extra.
+    assert predict_sparse(m, 1024, 1024, 128, (1, 1), 100_000, imbalance=1.8) == many
     assert predict_sparse(m, 1024, 1024, 128, (3, 3), 100) is None  # no figures for that block shape
 
 
