@@ -30,7 +30,7 @@ from transformers import BertConfig, BertModel
 import sparsecc
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.sparsify import prune_linears_
-from sparsecc.timing import Timing, interleaved, timing_table
+from sparsecc.measure.clock import Timing, interleaved, timing_table
 from sparsecc.tolerances import assert_outputs_close
 
 

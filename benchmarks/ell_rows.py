@@ -19,11 +19,11 @@ import tvm
 from kernel_alone import pair
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
-from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
+from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
 from sparsecc.codegen.targets import host_target
 from sparsecc.packing import pack_blocks, pack_ell, uniform_row_blocks
 from sparsecc.sparsify import magnitude_prune_
-from sparsecc.timing import interleaved
+from sparsecc.measure.clock import interleaved
 
 CALLS = 20  # per timed batch: one kernel call is 0.1-0.5 ms, below the timer's useful resolution on this VM
 

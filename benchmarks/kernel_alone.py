@@ -17,10 +17,12 @@ import statistics
 import torch
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
-from sparsecc.calibration import KernelTimer, measure_dense, random_blocked
-from sparsecc.codegen.kernels.bsr import ACTIVATIONS
+from sparsecc.codegen.tuning.runners import KernelTimer
+from sparsecc.measure.dense import dense_linear_seconds
+from sparsecc.planning.calibration import random_blocked
+from sparsecc.kernel_work import ACTIVATIONS
 from sparsecc.codegen.targets import host_target
-from sparsecc.plan_quality import Layer, make_weight
+from sparsecc.planning.plan_quality import Layer, make_weight
 
 
 def pair(text: str) -> tuple[int, int]:
@@ -55,7 +57,7 @@ def main() -> None:
     try:
         for n, k in args.shapes:
             for tokens in args.tokens:
-                dense = measure_dense(n, k, tokens) * 1e6
+                dense = dense_linear_seconds(n, k, tokens) * 1e6
                 for block in args.blocks:
                     for density in args.densities:
                         weight = skewed(n, k, density) if args.skewed else random_blocked(n, k, block, density)

@@ -6,10 +6,11 @@ than alone (docs/benchmarks.md, threads).
     python benchmarks/kernel_break_even.py
 """
 
-import torch, tvm, warnings, time, statistics
+import torch, tvm, warnings, statistics
 warnings.simplefilter("ignore")
 import sparsecc.codegen.targets as targets
-from sparsecc.codegen.kernels.bsr import bsr_linear_kernel
+from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
+from sparsecc.measure.clock import median_seconds
 from sparsecc.packing import pack_blocks
 torch.manual_seed(0)
 blocks = [(1, 1), (1, 4), (4, 1), (8, 1), (16, 1), (4, 4), (8, 8)]
@@ -17,10 +18,7 @@ print("block  " + "  ".join(f"{n}x{k}" for n, k in [(768, 768), (3072, 768), (76
 dense_t = {}
 for (n, k) in [(768, 768), (3072, 768), (768, 3072)]:
     x = torch.randn(128, k); w = torch.randn(n, k); b = torch.randn(n)
-    ts = []
-    for _ in range(40):
-        s = time.perf_counter(); torch.addmm(b, x, w.t()); ts.append(time.perf_counter() - s)
-    dense_t[(n, k)] = statistics.median(ts) * 1e3
+    dense_t[(n, k)] = median_seconds(lambda: torch.addmm(b, x, w.t()), 40, warmup=0) * 1e3
 for block in blocks:
     r, c = block
     row = []

@@ -25,8 +25,8 @@ import torch
 import tvm
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
-from sparsecc.calibration import random_blocked
-from sparsecc.codegen.kernels.bsr import from_token_tiles, to_token_tiles, token_tiled_shape
+from sparsecc.planning.calibration import random_blocked
+from sparsecc.kernel_work import from_token_tiles, to_token_tiles, token_tiled_shape
 from sparsecc.codegen.targets import host_target
 from sparsecc.codegen.tuning import KernelTask
 

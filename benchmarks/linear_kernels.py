@@ -19,7 +19,7 @@ import torch
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.sparsify import block_prune_, magnitude_prune_, nm_prune_
-from sparsecc.timing import interleaved
+from sparsecc.measure.clock import interleaved
 
 SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}  # (out, in)
 

@@ -18,12 +18,12 @@ import torch
 import tvm
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
-from sparsecc.codegen.kernels.bsr import (bsr_linear_kernel, default_knobs, from_token_tiles, to_token_tiles,
-                                          token_tiled_shape)
+from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
+from sparsecc.kernel_work import default_knobs, from_token_tiles, to_token_tiles, token_tiled_shape
 from sparsecc.codegen.openmp_pool import redirect_parallel_launch
 from sparsecc.codegen.targets import host_target
 from sparsecc.packing import pack_blocks
-from sparsecc.timing import interleaved
+from sparsecc.measure.clock import interleaved
 
 TOKENS = 128
 SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}  # (out, in)

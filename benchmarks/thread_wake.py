@@ -8,22 +8,16 @@ benchmarks that interleave candidates one call at a time charge each call for th
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable
 
 import torch
 
+from sparsecc.measure.clock import median_seconds
+
 
 def median_ms(fn: Callable[[], object], before: Callable[[], object] | None = None, calls: int = 200) -> float:
-    samples = []
-    for _ in range(calls):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+    return median_seconds(fn, calls, warmup=0, before=before) * 1e3
 
 
 def spin(seconds: float) -> None:

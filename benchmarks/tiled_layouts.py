@@ -16,9 +16,10 @@ import torch
 import tvm
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
-from sparsecc.codegen.kernels.attention import attention_kernel, query_tile
-from sparsecc.codegen.kernels.bsr import bsr_linear_kernel, from_token_tiles, to_token_tiles, token_tiled_shape
-from sparsecc.codegen.kernels.layer_norm import layer_norm_kernel
+from sparsecc.codegen.kernels.cpu.attention import attention_kernel, query_tile
+from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
+from sparsecc.kernel_work import from_token_tiles, to_token_tiles, token_tiled_shape
+from sparsecc.codegen.kernels.cpu.layer_norm import layer_norm_kernel
 from sparsecc.codegen.targets import host_target
 from sparsecc.packing import pack_blocks
 

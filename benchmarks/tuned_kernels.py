@@ -21,7 +21,7 @@ import torch
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.sparsify import block_prune_, magnitude_prune_
-from sparsecc.timing import interleaved
+from sparsecc.measure.clock import interleaved
 
 SHAPES = {"768x768": (768, 768), "3072x768": (3072, 768), "768x3072": (768, 3072)}  # (out, in)
 
@@ -41,12 +41,13 @@ def main() -> None:
     import tvm
 
     from sparsecc.codegen import tuning
-    from sparsecc.codegen.targets import host_target, resolve_threads
+    from sparsecc.codegen.tuning import runners
+    from sparsecc.codegen.targets import host_target
     from sparsecc.settings import Settings
 
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="sparsecc-bench-")
-    settings = Settings(cache_dir=cache_dir)
-    threads = resolve_threads(settings.num_threads)
+    settings = Settings(cache_dir=cache_dir).resolved()
+    threads = settings.threads
     target = host_target(threads)
     cases = []
     for block_s in args.blocks:
@@ -84,7 +85,7 @@ def main() -> None:
         outs = {}
         fns = {}
         for label, knobs in (("untuned", tuning.spec_default(task.spec)), ("tuned", result.knobs)):
-            func = tuning.build_candidate(task.spec, knobs, target).executable.jit()[tuning.FUNC]
+            func = runners.build_candidate(task.spec, knobs, target).executable.jit()[runners.FUNC]
             out = torch.empty(args.tokens, w.shape[0])
             outs[label] = out
             tvm_out = tvm.runtime.from_dlpack(out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -12,42 +11,38 @@ import torch
 import tvm
 from tvm import relax
 
+from sparsecc.codegen import targets
 from sparsecc.codegen.openmp_pool import available as openmp_available
 from sparsecc.codegen.openmp_pool import redirect_parallel_launch
-from sparsecc.codegen.targets import (QUIET_OMP_SPINS, configure_threads, missing_features, omp_spins, parse_target,
-                                      resolve_threads)
+from sparsecc.codegen.targets import QUIET_OMP_SPINS, configure_threads, target_of
 from sparsecc.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def build(mod: tvm.IRModule, settings: Settings) -> tuple[tvm.runtime.Executable, tvm.target.Target]:
-    threads = resolve_threads(settings.num_threads)
-    target = parse_target(settings.target, threads)
-    configure_threads(threads)
+    """`settings` resolved (`Settings.resolved`)."""
+    target = target_of(settings)
+    configure_threads(settings.threads)
     start = time.perf_counter()
     executable = tvm.compile(mod, target=target)
     log.info("build: compiled for %s in %.1f s", target.attrs.get("mcpu", "?"), time.perf_counter() - start)
     return executable, target
 
 
-def runs_here(target: tvm.target.Target) -> bool:
-    return not missing_features(target)
-
-
 def uses_openmp(settings: Settings) -> bool:
-    """Whether kernels built with `settings` run on PyTorch's OpenMP threads (see codegen/openmp_pool.py)."""
+    """Whether kernels built with `settings` (resolved) run on PyTorch's OpenMP threads (see codegen/openmp_pool.py)."""
     if settings.thread_pool == "tvm":
         return False
-    if settings.thread_pool == "auto" and omp_spins(os.environ) <= QUIET_OMP_SPINS:
+    if settings.thread_pool == "auto" and targets.OMP_SPINS <= QUIET_OMP_SPINS:
         log.info("build: PyTorch's OpenMP threads sleep soon after each op (GOMP_SPINCOUNT / OMP_WAIT_POLICY); "
                  "kernels use TVM's thread pool, whose workers spin between kernels")
         return False
-    if resolve_threads(settings.num_threads) != torch.get_num_threads():
+    if settings.threads != torch.get_num_threads():
         log.info("build: num_threads=%d differs from PyTorch's %d threads; kernels use TVM's thread pool",
                  settings.num_threads, torch.get_num_threads())
         return False
-    return openmp_available()
+    return openmp_available(settings.cache_dir)
 
 
 def virtual_machine(executable: tvm.runtime.Executable, settings: Settings) -> relax.VirtualMachine:
@@ -64,7 +59,7 @@ def virtual_machine(executable: tvm.runtime.Executable, settings: Settings) -> r
                 log.info("build: could not load the regions as a library (%s: %s); kernels use TVM's thread pool",
                          type(exc).__name__, exc)
             else:
-                if redirect_parallel_launch(library):
+                if redirect_parallel_launch(library, settings.cache_dir):
                     log.info("build: kernels run on PyTorch's OpenMP threads (library written and loaded in %.2f s)",
                              time.perf_counter() - start)
                 return relax.VirtualMachine(module, tvm.cpu())

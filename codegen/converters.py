@@ -15,10 +15,11 @@ import tvm
 from torch import fx
 from tvm import relax
 
-from sparsecc.codegen.kernels.attention import attention_kernel
-from sparsecc.codegen.kernels.bsr import ACTIVATIONS as KERNEL_ACTIVATIONS
-from sparsecc.codegen.kernels.bsr import KernelKnobs, bsr_linear_kernel, default_knobs, token_tiled_shape
-from sparsecc.codegen.kernels.layer_norm import layer_norm_kernel
+from sparsecc.codegen.kernels.cpu.attention import attention_kernel
+from sparsecc.kernel_work import ACTIVATIONS as KERNEL_ACTIVATIONS
+from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
+from sparsecc.kernel_work import KernelKnobs, default_knobs, token_tiled_shape
+from sparsecc.codegen.kernels.cpu.layer_norm import layer_norm_kernel
 from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
 from sparsecc.packing import uniform_row_blocks
 from sparsecc.passes.graph_utils import RESHAPE_OPS, constant_of, shape_dtype
@@ -36,7 +37,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 class LoweringContext:
     bb: relax.BlockBuilder
     kernels: dict[tuple, relax.GlobalVar]
-    # Nodes whose Relax value is in the kernels' token-tiled layout (codegen/kernels/bsr.token_tiled_shape) rather
+    # Nodes whose Relax value is in the kernels' token-tiled layout (codegen/kernels/cpu/bsr.token_tiled_shape) rather
     # than their own shape, with their token tile: decided per region by codegen/tiled_layout.py.
     tiled: dict[fx.Node, int] = dataclasses.field(default_factory=dict)
     threads: int | None = None  # the kernels' threads: the default loop order depends on them
@@ -163,7 +164,7 @@ def _row_blocks(indptr: Any) -> int | None:
     return None
 
 
-# node.meta key under which codegen/tuning.py leaves the tuned KernelKnobs of a sparse_linear node.
+# node.meta key under which codegen/tuning/ leaves the tuned KernelKnobs of a sparse_linear node.
 KNOBS_META = "sparsecc_kernel_knobs"
 
 

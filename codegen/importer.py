@@ -16,7 +16,6 @@ from torch import fx
 from tvm import relax
 
 from sparsecc.codegen.converters import CONVERTERS, LoweringContext, dtype_name
-from sparsecc.codegen.targets import resolve_threads
 from sparsecc.codegen.tiled_layout import plan_tiled
 from sparsecc.errors import StageError
 from sparsecc.passes.graph_utils import constant_of, op_name, shape_dtype
@@ -36,7 +35,7 @@ def region_weights(sub: fx.GraphModule) -> list[str]:
 
 
 def lower_graph(gm: fx.GraphModule, settings: Settings) -> tvm.IRModule:
-    ctx = LoweringContext(relax.BlockBuilder(), {}, threads=resolve_threads(settings.num_threads))
+    ctx = LoweringContext(relax.BlockBuilder(), {}, threads=settings.threads)
     for call in region_nodes(gm):
         _lower_region(ctx, call, gm.get_submodule(call.target))
     mod = ctx.bb.get()

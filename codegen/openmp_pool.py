@@ -105,9 +105,11 @@ def loaded_openmp_library() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def _shim() -> ctypes.CDLL | None:
-    """The launcher, built once (cached on disk by its source) and bound to PyTorch's OpenMP runtime."""
+@functools.lru_cache(maxsize=None)
+def _shim(cache_dir: str | None = None) -> ctypes.CDLL | None:
+    """The launcher, built once (cached on disk by its source, under `cache_dir`) and bound to PyTorch's OpenMP
+    runtime. The process has one OpenMP runtime and one launch counter: whichever cache directory built the
+    launcher first, its library is the one later callers get."""
     import torch  # noqa: F401  (loads the OpenMP runtime this binds to)
 
     openmp_path = loaded_openmp_library()
@@ -120,7 +122,7 @@ def _shim() -> ctypes.CDLL | None:
         log.info("openmp: %s lacks %s; TVM kernels use TVM's thread pool", openmp_path, ", ".join(missing))
         return None
     try:
-        shim = ctypes.CDLL(str(_built_shim()))
+        shim = _loaded_shim(cache_dir)
     except Exception as exc:  # no compiler, unwritable cache, ...
         log.info("openmp: could not build the OpenMP launcher (%s: %s); TVM kernels use TVM's thread pool",
                  type(exc).__name__, exc)
@@ -131,13 +133,23 @@ def _shim() -> ctypes.CDLL | None:
     return shim
 
 
-def _built_shim() -> Path:
+_LOADED: list[ctypes.CDLL] = []
+
+
+def _loaded_shim(cache_dir: str | None) -> ctypes.CDLL:
+    # One launcher per process: two copies would each count launches and bind OpenMP on their own.
+    if not _LOADED:
+        _LOADED.append(ctypes.CDLL(str(_built_shim(cache_dir))))
+    return _LOADED[0]
+
+
+def _built_shim(cache_dir: str | None) -> Path:
     from tvm.support import cc
 
-    from sparsecc.tuning_db import default_cache_dir
+    from sparsecc.cache import default_cache_dir
 
     digest = hashlib.sha256(SHIM_SOURCE.encode()).hexdigest()[:16]
-    for directory in (default_cache_dir() / "openmp", Path(tempfile.gettempdir()) / f"sparsecc-{os.getuid()}"):
+    for directory in (default_cache_dir(cache_dir) / "openmp", Path(tempfile.gettempdir()) / f"sparsecc-{os.getuid()}"):
         library = directory / f"launch-{digest}.so"
         if library.exists():
             return library
@@ -159,25 +171,26 @@ def address_of(library: ctypes.CDLL, symbol: str) -> int:
     return ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value
 
 
-def available() -> bool:
-    """Whether TVM kernels can run on PyTorch's OpenMP threads in this process."""
-    return _shim() is not None
+def available(cache_dir: str | None = None) -> bool:
+    """Whether TVM kernels can run on PyTorch's OpenMP threads in this process (building the launcher under
+    `cache_dir`, the option's directory, when it is not built yet)."""
+    return _shim(cache_dir) is not None
 
 
 def launch_count() -> tuple[int, int]:
     """Parallel launches made on PyTorch's OpenMP threads in this process, and the size of the last team
-    ((0, 0) where the launcher is unavailable)."""
-    shim = _shim()
+    ((0, 0) before the launcher was loaded, or where it is unavailable)."""
+    shim = _LOADED[0] if _LOADED else None
     if shim is None:
         return 0, 0
     return int(shim.sparsecc_launches()), int(shim.sparsecc_last_team())
 
 
-def redirect_parallel_launch(library_path: str | os.PathLike) -> bool:
+def redirect_parallel_launch(library_path: str | os.PathLike, cache_dir: str | None = None) -> bool:
     """Point a TVM library, already loaded by `tvm.runtime.load_module` from `library_path`, at the OpenMP
     launcher. Returns False, leaving it on TVM's pool, where the launcher is unavailable or the library has no
     parallel code."""
-    shim = _shim()
+    shim = _shim(cache_dir)
     if shim is None:
         return False
     library = ctypes.CDLL(str(library_path))  # the handle TVM opened: same path, same mapping

@@ -8,7 +8,6 @@ set explicitly.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import platform
@@ -16,6 +15,9 @@ import re
 
 import torch
 import tvm
+
+from sparsecc.errors import OptionError
+from sparsecc.settings import target_fields
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +43,17 @@ def host_target(num_threads: int) -> tvm.target.Target:
     return tvm.target.Target(spec)
 
 
-# Short names for the `target` option; anything else is TVM's JSON dict form of an LLVM target.
-TARGET_ALIASES = {
-    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic"},
-    "x86_64": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},  # AVX2 + FMA
-}
-
-
+@functools.lru_cache(maxsize=32)
 def parse_target(spec: str, num_threads: int) -> tvm.target.Target:
-    """The `target` option -> a TVM target. Raises ValueError with what is accepted."""
+    """The `target` option -> a TVM target (parsed once per option and thread count). Raises ValueError with what
+    is accepted."""
     if spec == "host":
         return host_target(num_threads)
-    if spec in TARGET_ALIASES:
-        return tvm.target.Target({**TARGET_ALIASES[spec], "num-cores": num_threads})
+    fields = target_fields(spec)
     try:
-        fields = json.loads(spec)
-    except ValueError:
-        fields = None
-    if not isinstance(fields, dict):
-        raise ValueError(f"target {spec!r} is not 'host', one of {', '.join(TARGET_ALIASES)}, or a JSON LLVM target "
-                         'such as \'{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}\'')
-    if fields.get("kind") != "llvm":
-        raise ValueError(f"target kind {fields.get('kind')!r}: sparsecc has CPU (LLVM) kernels only; GPU kernels "
-                         "are not written yet")
-    return tvm.target.Target({"num-cores": num_threads, **fields})
+        return tvm.target.Target({"num-cores": num_threads, **fields})
+    except Exception as exc:  # TVM's own check of the fields: unknown keys, CPUs or triples
+        raise OptionError(f"option 'target': TVM rejects {spec!r}: {exc}") from None
 
 
 def target_arch(target: tvm.target.Target) -> str:
@@ -98,8 +87,13 @@ def missing_features(target: tvm.target.Target) -> list[str]:
     return [f for f in cpu_features(target) if f not in host_features()]
 
 
-def resolve_threads(requested: int | None) -> int:
-    return requested if requested is not None else torch.get_num_threads()
+def target_of(settings) -> tvm.target.Target:
+    """The TVM target of resolved settings (`Settings.resolved`): their `target` option for their thread count."""
+    return parse_target(settings.target, settings.threads)
+
+
+def runs_here(target: tvm.target.Target) -> bool:
+    return not missing_features(target)
 
 
 # threading::ThreadGroup::kSpecifyThreadShareAllCore: workers may run on any of the listed CPUs.
@@ -149,6 +143,10 @@ def omp_spins(environ) -> float:
     if match is None:
         return float("inf")
     return int(match.group(1)) * _GOMP_SUFFIXES[match.group(2)]
+
+
+# libgomp reads its spin settings once, when PyTorch loads it; so does sparsecc, at import, not at every build.
+OMP_SPINS = omp_spins(os.environ)
 
 
 def default_tvm_spin_count(environ) -> int:

@@ -20,8 +20,8 @@ import torch
 from torch import fx
 
 from sparsecc.codegen.converters import KNOBS_META, VIEW_OPS, SparseLinearSpec, can_lower
-from sparsecc.codegen.kernels.attention import can_tile, query_tile
-from sparsecc.codegen.kernels.layer_norm import token_tile
+from sparsecc.codegen.kernels.cpu.attention import can_tile, query_tile
+from sparsecc.codegen.kernels.cpu.layer_norm import token_tile
 from sparsecc.ops import sparse_linear_args
 from sparsecc.passes.graph_utils import shape_dtype
 

@@ -12,8 +12,7 @@ import logging
 import torch
 from torch import fx
 
-from sparsecc.codegen.kernels.bsr import ROWS_PER_TASK, task_count, task_spans, work_prefix
-from sparsecc.codegen.targets import resolve_threads
+from sparsecc.kernel_work import ROWS_PER_TASK, task_count, task_spans, work_prefix
 from sparsecc.formats import BlockStats, WeightSparsity, WeightUse
 from sparsecc.passes.fold_constants import LAYOUT, ORIGIN
 from sparsecc.passes.graph_utils import constant_of
@@ -55,7 +54,7 @@ def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
                 uses.setdefault(arg, []).append(WeightUse(str(node.target), pos, node.name, _tokens(node, weight, pos)))
                 right.setdefault(arg, (node.target, pos) in RIGHT_OPERANDS)
 
-    threads = resolve_threads(settings.num_threads)
+    threads = settings.threads
     for node, node_uses in uses.items():
         tensor = constant_of(gm, node)
         node.meta[META_KEY] = describe_weight(str(node.meta.get(ORIGIN, node.target)), tensor, right[node],

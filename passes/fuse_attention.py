@@ -4,14 +4,13 @@ heads back into (batch, tokens, heads * head_dim).
 
 Why: the transposes and the attention are not sparse ops, so each transformer layer crossed from TVM to PyTorch
 and back around them. As one op on the projections' own layout, attention lowers to a TVM kernel
-(codegen/kernels/attention.py), and a layer's projections, attention and feed-forward become one region.
+(codegen/kernels/cpu/attention.py), and a layer's projections, attention and feed-forward become one region.
 Only what that kernel computes is fused: no mask, not causal, no dropout, q, k and v of one shape. Anything else
 keeps PyTorch's attention.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import operator
 
@@ -20,8 +19,6 @@ from torch import fx
 
 from sparsecc.passes.graph_utils import RESHAPE_OPS, shape_dtype
 from sparsecc.settings import Settings
-
-log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 # What dynamo's ATen graph holds for F.scaled_dot_product_attention on CPU.
@@ -34,10 +31,6 @@ def fuse_attention(gm: fx.GraphModule, settings: Settings) -> int:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in SDPA_OPS and _fuse(gm.graph, node):
             fused += 1
-    if fused:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        log.info("fuse_attention: %d attention ops fused", fused)
     return fused
 
 

@@ -2,9 +2,9 @@
 
 Three ways to price the candidates (`cost_model`):
 - "measured", the default: the calibrated model ranks the candidates and dense plus the close ones are timed on the
-  weight itself (sparsecc/candidate_timing.py); a sparse format must then measure MEASURED_MIN_GAIN faster.
-- "calibrated": each candidate's time comes from the cost model (sparsecc/cost_model.py) on the machine model of the
-  target (calibrated once per machine, sparsecc/calibration.py), summed over the weight's uses at their token counts.
+  weight itself (sparsecc/planning/candidate_timing.py); a sparse format must then measure MEASURED_MIN_GAIN faster.
+- "calibrated": each candidate's time comes from the cost model (sparsecc/planning/cost_model.py) on the machine model of the
+  target (calibrated once per machine, sparsecc/planning/calibration.py), summed over the weight's uses at their token counts.
 - "break-even": a format costs the fraction of the weight it stores over its measured break-even density, whatever
   the shape and token count; it never measures, so plans do not depend on timing.
 Every candidate's prediction (and measurement) goes into the plan. The fastest wins, and a sparse format must beat
@@ -18,11 +18,12 @@ from typing import Callable
 
 from torch import fx
 
-from sparsecc.cost_model import MachineModel, predict_dense, predict_sparse
 from sparsecc.formats import (ELL_CANDIDATE, FormatChoice, SparseFormat, SparsePlan, WeightSparsity, candidate_block,
                               candidate_format, candidate_name)
 from sparsecc.passes.analyze_weights import analysed_weights, as_matrix
 from sparsecc.passes.graph_utils import constant_of
+from sparsecc.planning.cost_model import MachineModel, predict_dense, predict_sparse
+from sparsecc.planning.pricing import LazyMachine, Pricing, finalists
 from sparsecc.progress import progress_bar
 from sparsecc.settings import Settings
 
@@ -53,46 +54,39 @@ ELL_MAX_PADDING = 1.1
 UNKNOWN_TOKENS = 128
 
 
-def plan_formats(gm: fx.GraphModule, settings: Settings, machine: MachineModel | None = None) -> SparsePlan:
+def plan_formats(gm: fx.GraphModule, settings: Settings, pricing: Pricing | MachineModel | None = None) -> SparsePlan:
+    """`pricing`: what prices the candidates (the pipeline builds it for the target, sparsecc/planning/
+    target_pricing.py); a MachineModel alone predicts without timing; None only with `cost_model="break-even"`."""
     weights = analysed_weights(gm)
-    model = _LazyMachine(settings, machine)
-    priced = model if machine is not None or settings.cost_model != "break-even" else None
-    timer = _candidate_timer(settings) if settings.cost_model == "measured" else None
+    if isinstance(pricing, MachineModel):
+        pricing = Pricing(LazyMachine(pricing))
+    elif pricing is None:
+        if settings.cost_model != "break-even":
+            raise ValueError(f"plan_formats: cost_model={settings.cost_model!r} needs its pricing "
+                             "(sparsecc.planning.target_pricing.pricing_for(settings)) or a MachineModel")
+        pricing = Pricing()
+    timer = pricing.timer
     if timer is None:
-        choices = {name: choose_format(w, settings, priced) for name, w in weights.items()}
+        choices = {name: choose_format(w, settings, pricing.machine) for name, w in weights.items()}
     else:
         tensors = {n.target: constant_of(gm, n) for n in gm.graph.nodes if n.op == "get_attr" and n.target in weights}
         update, close = progress_bar(len(weights), "sparsecc plan", "weight")
         choices = {}
         try:
             for name, w in weights.items():
-                choices[name] = choose_format(w, settings, priced,
+                choices[name] = choose_format(w, settings, pricing.machine,
                                               _timing(timer, as_matrix(tensors[name], w), _tokens(w), w.name))
                 update(1, name)
         finally:
             close()
-            timer.close()
         log.info("plan: timed %d candidates, %d more read from the tuning database", timer.timed, timer.reused)
     n_sparse = sum(c.format is not SparseFormat.DENSE for c in choices.values())
     log.info("plan: %d of %d weights sparse", n_sparse, len(choices))
-    described = model.loaded.description if model.loaded is not None else ""
-    if model.loaded is not None and not model.loaded.calibrated:
+    loaded = pricing.machine.loaded if pricing.machine is not None else None
+    described = loaded.description if loaded is not None else ""
+    if loaded is not None and not loaded.calibrated:
         log.warning("plan: the target %s cannot be measured here; predictions use %s", settings.target, described)
     return SparsePlan(choices=choices, weights=weights, machine=described)
-
-
-def _candidate_timer(settings: Settings):
-    """A CandidateTimer for the target, or None (with a log line) when the target cannot run here."""
-    from sparsecc.candidate_timing import CandidateTimer
-    from sparsecc.codegen.build import runs_here
-    from sparsecc.codegen.targets import parse_target, resolve_threads
-
-    threads = resolve_threads(settings.num_threads)
-    target = parse_target(settings.target, threads)
-    if not runs_here(target):
-        log.info("plan: target %s does not run here; choosing from predictions alone", settings.target)
-        return None
-    return CandidateTimer(settings, target, threads)
 
 
 def _timing(timer, matrix, tokens: list[int], label: str) -> Callable[[list[str]], dict[str, float] | None]:
@@ -110,26 +104,12 @@ def _tokens(w: WeightSparsity) -> list[int]:
     return [u.tokens for u in w.uses if u.tokens > 0] or [UNKNOWN_TOKENS]
 
 
-class _LazyMachine:
-    """The machine model, calibrated (or read from the cache) only when a weight needs a prediction."""
-
-    def __init__(self, settings: Settings, machine: MachineModel | None):
-        self.settings = settings
-        self.loaded = machine
-
-    def __call__(self) -> MachineModel:
-        if self.loaded is None:
-            from sparsecc.calibration import machine_model
-
-            self.loaded = machine_model(self.settings)
-        return self.loaded
-
-
 def choose_format(w: WeightSparsity, settings: Settings,
                   machine: MachineModel | Callable[[], MachineModel] | None = None,
                   measure: Callable[[list[str]], dict[str, float] | None] | None = None) -> FormatChoice:
-    """`measure(candidates)` -> seconds per candidate, timed on this weight (None if timing failed): when given, the
-    predicted finalists are timed and the measured times decide."""
+    """`machine`: the machine model (or a callable loading it) the candidates are predicted with; None only with
+    `cost_model="break-even"`. `measure(candidates)` -> seconds per candidate, timed on this weight (None if timing
+    failed): when given, the predicted finalists are timed and the measured times decide."""
     measured: dict[str, float] = {}
 
     def dense(reason: str, predictions: dict | None = None) -> FormatChoice:
@@ -163,12 +143,13 @@ def choose_format(w: WeightSparsity, settings: Settings,
                     for name, (blocks, _) in stored.items() if name in limits}
         predictions: dict[str, float] = {}
         timing = "time relative to dense: stored fraction over the measured break-even"
+    elif machine is None:
+        raise ValueError(f"choose_format: cost_model={settings.cost_model!r} predicts with the machine model; pass "
+                         "`machine` (sparsecc.planning.calibration.machine_model(settings))")
     else:
-        relative, predictions, timing = _predict(w, stored, machine or _LazyMachine(settings, None))
+        relative, predictions, timing = _predict(w, stored, machine)
         # One forced format leaves nothing to choose between: timing it would only slow the compile.
         if measure is not None and relative and not (forced and len(relative) == 1):
-            from sparsecc.candidate_timing import finalists
-
             seconds = measure(finalists(predictions))
             if seconds:
                 measured.update({name: round(t * 1e6, 2) for name, t in seconds.items()})

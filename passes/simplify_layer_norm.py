@@ -1,21 +1,18 @@
 """native_layer_norm whose mean and reciprocal deviation go unused -> layer_norm, one output.
 
 Why: dynamo's ATen graph spells F.layer_norm as native_layer_norm, three outputs taken apart by getitem; for
-inference only the first is read. With one output the op lowers like any other (codegen/kernels/layer_norm.py),
+inference only the first is read. With one output the op lowers like any other (codegen/kernels/cpu/layer_norm.py),
 and the layer norms between a transformer layer's sparse kernels can join their region.
 """
 
 from __future__ import annotations
 
-import logging
 import operator
 
 import torch
 from torch import fx
 
 from sparsecc.settings import Settings
-
-log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
@@ -36,8 +33,4 @@ def simplify_layer_norm(gm: fx.GraphModule, settings: Settings) -> int:
             if u.args[1] == 0:
                 u.replace_all_uses_with(single)
         done += 1
-    if done:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        log.info("simplify_layer_norm: %d layer norms", done)
     return done

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import sparsecc
     from sparsecc.report import plan_table
     from sparsecc.sparsify import prune_linears_
-    from sparsecc.timing import interleaved, timing_table
+    from sparsecc.measure.clock import interleaved, timing_table
     from sparsecc.tolerances import assert_outputs_close
 
     torch.manual_seed(args.seed)

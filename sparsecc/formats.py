@@ -143,7 +143,7 @@ class SparsePlan:
 
     choices: Mapping[str, FormatChoice]
     weights: Mapping[str, WeightSparsity]
-    # The machine model the predictions come from (sparsecc/cost_model.py).
+    # The machine model the predictions come from (sparsecc/planning/cost_model.py).
     machine: str = ""
 
     def sparse_weights(self) -> list[str]:

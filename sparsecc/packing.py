@@ -3,7 +3,7 @@
 Every format is the same three arrays: int32 block-row pointers (indptr), block-column indices, values (stored
 blocks, r, c). CSR is BSR with 1 x 1 blocks. ELL is BSR whose block-rows were padded to one length with zero blocks,
 so indptr is a multiple of the row index and the kernel can take the row length as a constant
-(codegen/kernels/bsr.py, `row_blocks`). Padding repeats a column the row already holds: the kernel's extra multiply
+(codegen/kernels/cpu/bsr.py, `row_blocks`). Padding repeats a column the row already holds: the kernel's extra multiply
 reads x^T it has just loaded, and torch's sparse tensors (the eager reference) add duplicate entries.
 """
 

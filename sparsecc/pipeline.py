@@ -1,5 +1,10 @@
-"""The pipeline: an explicit ordered tuple of stages, run by a small runner that logs, lints and wraps
-failures with the stage name. Each stage reads the previous stage's product from the state and adds its own.
+"""The pipeline: an explicit ordered tuple of stages, each a function from the previous stage's product to its own
+(small frozen dataclasses; the FX graph inside is edited in place by the passes). A small runner logs each stage
+and its time, lints the graph, wraps failures with the stage name, and stops after `stop_after`. What the run
+produced is one frozen `PipelineResult`.
+
+Settings are resolved once here (`Settings.resolved`: threads and cache directory) and every stage gets the same
+resolved settings.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from sparsecc.passes.fuse_epilogues import fuse_epilogues
 from sparsecc.passes.partition_regions import partition_regions
 from sparsecc.passes.plan_formats import plan_formats
 from sparsecc.passes.rewrite_sparse import rewrite_sparse
+from sparsecc.passes.runner import run_passes
 from sparsecc.passes.simplify_layer_norm import simplify_layer_norm
 from sparsecc.settings import STAGES, Settings
 from sparsecc.tolerances import assert_outputs_close
@@ -30,72 +36,101 @@ from sparsecc.tolerances import assert_outputs_close
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class PipelineState:
-    settings: Settings
-    source: fx.GraphModule  # the graph as dynamo (or the AOT entry) gave it
-    example_inputs: Sequence[Any]
-    weight_names: dict[int, str] | None = None  # user names of weight inputs the graph does not carry (AOT)
-    captured: CapturedGraph | None = None
-    gm: fx.GraphModule | None = None  # the current canonical graph
-    plan: SparsePlan | None = None
-    irmodule: Any = None  # tvm.IRModule
-    executable: Any = None  # tvm.runtime.Executable of all regions
-    target: Any = None  # the tvm.target.Target it was built for
-    vm: Any = None  # tvm.relax.VirtualMachine; None when the target is not this machine
-    sparse_ops: int = 0  # sparsecc:: ops in the rewritten graph
-    regions: tuple[str, ...] = ()  # names of the regions built by TVM
-    dense_backend: str | None = None  # where a graph without regions runs: "eager" or "inductor"
-    tuning: Any = None  # codegen.tuning.TuningReport, with the `tune` option
-    completed: list[str] = dataclasses.field(default_factory=list)
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+# ------------------------------------------------------------------------------------------------------ products
 
-    def runtime_inputs(self, args: Sequence[Any]) -> list[Any]:
-        return [args[i] for i in self.captured.input_positions]
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The entry's product: the graph as dynamo (or the AOT entry) gave it, with its example inputs."""
 
-    def run(self, args: Sequence[Any]) -> Any:
-        """Run what the pipeline produced so far on the source graph's full argument list."""
-        if self.gm is None:
-            return self.source(*args)
-        # forward rather than __call__: nothing hooks this internal module, and the dispatch costs a few us a call.
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                return self.gm.forward(*self.runtime_inputs(args))
-        return self.gm.forward(*self.runtime_inputs(args))
+    graph: fx.GraphModule
+    example_inputs: tuple
+    weight_names: dict[int, str] | None  # user names of weight inputs the graph does not carry (AOT)
 
 
-def _capture(s: PipelineState) -> None:
-    s.captured = capture(s.source, s.example_inputs, s.settings, s.weight_names)
-    s.gm = s.captured.gm
+@dataclasses.dataclass(frozen=True)
+class Captured:
+    captured: CapturedGraph
+    gm: fx.GraphModule  # the canonical graph; later stages edit it in place
+    inputs: tuple  # the example inputs that stay runtime inputs (the rewrite's shape propagation runs on them)
 
 
-def _analysis(s: PipelineState) -> None:
-    analyze_weights(s.gm, s.settings)
+@dataclasses.dataclass(frozen=True)
+class Analysed(Captured):
+    """Each constant weight feeding a matrix product carries its WeightSparsity in node.meta."""
 
 
-def _plan(s: PipelineState) -> None:
-    s.plan = plan_formats(s.gm, s.settings)
+@dataclasses.dataclass(frozen=True)
+class Planned(Analysed):
+    plan: SparsePlan
 
 
-def _rewrite(s: PipelineState) -> None:
-    rewrite_sparse(s.gm, s.settings, s.plan)
-    fuse_epilogues(s.gm, s.settings)
-    s.sparse_ops = sum(1 for n in s.gm.graph.nodes if n.op == "call_function" and n.target in SPARSE_OPS)
+@dataclasses.dataclass(frozen=True)
+class Rewritten(Planned):
+    sparse_ops: int  # sparsecc:: ops in the rewritten graph
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioned(Rewritten):
+    """`gm` now calls `sparsecc_region_<i>` submodules."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowered(Partitioned):
+    irmodule: Any  # tvm.IRModule of all regions
+    tuning: Any  # codegen.tuning.TuningReport, with the `tune` option
+
+
+@dataclasses.dataclass(frozen=True)
+class Built(Lowered):
+    executable: Any  # tvm.runtime.Executable of all regions; None when there is no region
+    target: Any  # the tvm.target.Target it was built for
+    vm: Any  # tvm.relax.VirtualMachine; None when the target is not this machine
+    regions: tuple[str, ...]  # names of the regions built by TVM
+
+
+def _advance(product: Any, cls: type, **new: Any) -> Any:
+    return cls(**{f.name: getattr(product, f.name) for f in dataclasses.fields(product)}, **new)
+
+
+# -------------------------------------------------------------------------------------------------------- stages
+
+def _capture(s: Source, settings: Settings) -> Captured:
+    captured = capture(s.graph, s.example_inputs, settings, s.weight_names)
+    return Captured(captured, captured.gm, tuple(s.example_inputs[i] for i in captured.input_positions))
+
+
+def _analysis(p: Captured, settings: Settings) -> Analysed:
+    analyze_weights(p.gm, settings)
+    return _advance(p, Analysed)
+
+
+def _plan(p: Analysed, settings: Settings) -> Planned:
+    from sparsecc.planning.target_pricing import pricing_for
+
+    with pricing_for(settings) as pricing:
+        return _advance(p, Planned, plan=plan_formats(p.gm, settings, pricing))
+
+
+def _rewrite(p: Planned, settings: Settings) -> Rewritten:
+    gm = p.gm
+    run_passes(gm, settings, (("rewrite_sparse", lambda g, s: rewrite_sparse(g, s, p.plan)),
+                              ("fuse_epilogues", fuse_epilogues)))
+    sparse_ops = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in SPARSE_OPS)
     # Attention and layer norm as sparsecc's own kernels let a transformer encoder be one region (BERT-base at 90 %:
     # about 15 % faster than PyTorch's ops between regions, docs/benchmarks.md). Only beside sparse ops: without
     # those there is no region for them to join.
-    if s.sparse_ops:
-        fuse_attention(s.gm, s.settings)
-        simplify_layer_norm(s.gm, s.settings)
+    if sparse_ops:
+        run_passes(gm, settings, (("fuse_attention", fuse_attention), ("simplify_layer_norm", simplify_layer_norm)))
     # Records every node's shape for the later stages, and shows the rewritten graph runs in eager PyTorch.
     with torch.no_grad():
-        ShapeProp(s.gm).propagate(*s.runtime_inputs(s.example_inputs))
+        ShapeProp(gm).propagate(*p.inputs)
+    return _advance(p, Rewritten, sparse_ops=sparse_ops)
 
 
-def _partition(s: PipelineState) -> None:
+def _partition(p: Rewritten, settings: Settings) -> Partitioned:
     from sparsecc.codegen.converters import OWN_KERNEL_OPS, VIEW_OPS, can_lower
 
-    if s.settings.offload == "all":
+    if settings.offload == "all":
         supported, anchor = can_lower, can_lower
     else:
         def supported(node: fx.Node) -> bool:
@@ -105,40 +140,43 @@ def _partition(s: PipelineState) -> None:
         def anchor(node: fx.Node) -> bool:
             return node.target in SPARSE_OPS
 
-    s.gm = partition_regions(s.gm, s.settings, supported, anchor)
+    return dataclasses.replace(_advance(p, Partitioned), gm=partition_regions(p.gm, settings, supported, anchor))
 
 
-def _lower(s: PipelineState) -> None:
+def _lower(p: Partitioned, settings: Settings) -> Lowered:
     from sparsecc.codegen.importer import lower_graph
 
-    if s.settings.tune is not None:
+    tuning = None
+    if settings.tune is not None:
         from sparsecc.codegen.tuning import tune_graph
 
-        s.tuning = tune_graph(s.gm, s.settings)
-    s.irmodule = lower_graph(s.gm, s.settings)
+        tuning = tune_graph(p.gm, settings)
+    return _advance(p, Lowered, irmodule=lower_graph(p.gm, settings), tuning=tuning)
 
 
-def _build(s: PipelineState) -> None:
-    from sparsecc.codegen.build import build, runs_here, virtual_machine
+def _build(p: Lowered, settings: Settings) -> Built:
+    from sparsecc.codegen.build import build, virtual_machine
     from sparsecc.codegen.executable import TvmRegion
     from sparsecc.codegen.importer import region_nodes, region_weights
+    from sparsecc.codegen.targets import runs_here
 
-    regions = region_nodes(s.gm)
+    regions = region_nodes(p.gm)
     if not regions:
-        return
-    s.executable, s.target = build(s.irmodule, s.settings)
-    s.regions = tuple(call.target for call in regions)
-    if not runs_here(s.target):
-        log.info("build: target %s is not this machine; regions are built but not loaded", s.settings.target)
-        return
-    s.vm = virtual_machine(s.executable, s.settings)
+        return _advance(p, Built, executable=None, target=None, vm=None, regions=())
+    executable, target = build(p.irmodule, settings)
+    names = tuple(call.target for call in regions)
+    if not runs_here(target):
+        log.info("build: target %s is not this machine; regions are built but not loaded", settings.target)
+        return _advance(p, Built, executable=executable, target=target, vm=None, regions=names)
+    vm = virtual_machine(executable, settings)
     for call in regions:
-        sub = s.gm.get_submodule(call.target)
+        sub = p.gm.get_submodule(call.target)
         weights = {name: getattr(sub, name) for name in region_weights(sub)}
-        setattr(s.gm, call.target, TvmRegion(s.vm[call.target], call.target, weights))
+        setattr(p.gm, call.target, TvmRegion(vm[call.target], call.target, weights))
+    return _advance(p, Built, executable=executable, target=target, vm=vm, regions=names)
 
 
-STAGE_FUNCS: tuple[tuple[str, Callable[[PipelineState], None]], ...] = (
+STAGE_FUNCS: tuple[tuple[str, Callable[[Any, Settings], Any]], ...] = (
     ("capture", _capture),
     ("analysis", _analysis),
     ("plan", _plan),
@@ -150,38 +188,84 @@ STAGE_FUNCS: tuple[tuple[str, Callable[[PipelineState], None]], ...] = (
 assert tuple(name for name, _ in STAGE_FUNCS) == STAGES
 
 
+# -------------------------------------------------------------------------------------------------------- result
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+    """What a pipeline run produced, as far as it went (`completed`). It holds no example inputs: they would keep
+    the weights among them alive, and with them the compiled variant (CompiledGraph releases one when its weights
+    are freed)."""
+
+    settings: Settings  # resolved
+    source: fx.GraphModule  # the graph as dynamo (or the AOT entry) gave it
+    completed: tuple[str, ...]
+    seconds: dict[str, float]
+    captured: CapturedGraph | None = None
+    gm: fx.GraphModule | None = None  # the current canonical graph
+    plan: SparsePlan | None = None
+    sparse_ops: int = 0
+    irmodule: Any = None
+    tuning: Any = None
+    executable: Any = None
+    target: Any = None
+    vm: Any = None
+    regions: tuple[str, ...] = ()
+    dense_backend: str | None = None  # where a graph without regions runs ("eager" | "inductor"), set by the runtime
+
+    @classmethod
+    def of(cls, product: Any, source: fx.GraphModule, settings: Settings, completed: Sequence[str],
+           seconds: dict[str, float]) -> "PipelineResult":
+        """The result after the stage that made `product`, with what that product and those before it hold."""
+        kept = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: getattr(product, f.name) for f in dataclasses.fields(product) if f.name in kept}
+        return cls(settings=settings, source=source, completed=tuple(completed), seconds=seconds, **fields)
+
+    def runtime_inputs(self, args: Sequence[Any]) -> list[Any]:
+        return [args[i] for i in self.captured.input_positions]
+
+    def run(self, args: Sequence[Any]) -> Any:
+        """Run what the pipeline produced on the source graph's full argument list."""
+        if self.gm is None:
+            return self.source(*args)
+        # forward rather than __call__: nothing hooks this internal module, and the dispatch costs a few us a call.
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.gm.forward(*self.runtime_inputs(args))
+        return self.gm.forward(*self.runtime_inputs(args))
+
+
 def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
-                 weight_names: dict[int, str] | None = None) -> PipelineState:
-    state = PipelineState(settings, source, example_inputs, weight_names)
+                 weight_names: dict[int, str] | None = None) -> PipelineResult:
+    settings = settings.resolved()
+    product: Any = Source(source, tuple(example_inputs), weight_names)
+    completed: list[str] = []
+    seconds: dict[str, float] = {}
     for number, (name, stage) in enumerate(STAGE_FUNCS, 1):
         start = time.perf_counter()
         try:
-            stage(state)
-            if state.gm is not None:
-                state.gm.graph.lint()
+            product = stage(product, settings)
+            product.gm.graph.lint()
         except StageError:
             raise
         except SparseccError as exc:
             raise StageError(name, str(exc)) from exc
         except Exception as exc:
             raise StageError(name, f"{type(exc).__name__}: {exc}") from exc
-        state.completed.append(name)
-        state.seconds[name] = time.perf_counter() - start
-        log.info("sparsecc: [%d/%d] %s done in %.2f s", number, len(STAGE_FUNCS), name, state.seconds[name])
+        completed.append(name)
+        seconds[name] = time.perf_counter() - start
+        log.info("sparsecc: [%d/%d] %s done in %.2f s", number, len(STAGE_FUNCS), name, seconds[name])
         if settings.stop_after == name:
             break
-    if settings.verify and (state.executable is None or state.vm is not None):
-        _verify(state)
-    # The state outlives the call (reports, the compiled variant). Keeping the inputs would keep the weights among
-    # them alive, and with them the variant: CompiledGraph releases one when its weights are freed.
-    state.example_inputs = ()
-    return state
+    result = PipelineResult.of(product, source, settings, completed, seconds)
+    if settings.verify and (result.executable is None or result.vm is not None):
+        _verify(result, example_inputs)
+    return result
 
 
-def _verify(state: PipelineState) -> None:
+def _verify(result: PipelineResult, example_inputs: Sequence[Any]) -> None:
     with torch.no_grad():
-        expected = state.source(*state.example_inputs)
-        actual = state.run(state.example_inputs)
+        expected = result.source(*example_inputs)
+        actual = result.run(example_inputs)
     try:
         assert_outputs_close(actual, expected)
     except AssertionError as exc:

@@ -32,6 +32,23 @@ class RpcSettings:
     # Seconds after which a server ends a session (0: never).
     session_timeout: float = 0.0
 
+    def __post_init__(self) -> None:
+        tracker = self.tracker
+        host, _, port = tracker.rpartition(":") if isinstance(tracker, str) else ("", "", "")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise OptionError(f"option 'tune.rpc': 'tracker' must be 'host:port'; got {tracker!r}.")
+        if not isinstance(self.key, str) or not self.key:
+            raise OptionError(f"option 'tune.rpc': 'key' must be a non-empty string; got {self.key!r}.")
+        for name, minimum in (("sessions", 1), ("priority", None)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or (minimum is not None and v < minimum):
+                raise OptionError(f"option 'tune.rpc': '{name}' must be an int{f' >= {minimum}' if minimum else ''}; "
+                                  f"got {v!r}.")
+        timeout = self.session_timeout
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise OptionError(f"option 'tune.rpc': 'session_timeout' must be seconds >= 0; got {timeout!r}.")
+        object.__setattr__(self, "session_timeout", float(timeout))
+
     @property
     def address(self) -> tuple[str, int]:
         host, _, port = self.tracker.rpartition(":")
@@ -48,19 +65,22 @@ class TuneSettings:
     retune: bool = False
     rpc: RpcSettings | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.trials, int) or isinstance(self.trials, bool) or self.trials < 0:
+            raise OptionError(f"option 'tune': 'trials' must be an int >= 0; got {self.trials!r}.")
+        if not isinstance(self.retune, bool):
+            raise OptionError(f"option 'tune': 'retune' must be True or False; got {self.retune!r}.")
+        if self.rpc is not None:
+            object.__setattr__(self, "rpc", _rpc_settings(self.rpc))
+
     @classmethod
     def from_option(cls, value: Any) -> "TuneSettings":
+        if isinstance(value, TuneSettings):
+            return value
         if not isinstance(value, Mapping):
             raise OptionError(f"option 'tune' must be a dict such as {{'trials': 16}}, or None; got {value!r}.")
         value = dict(value)
         _check_sub_keys("tune", value, cls)
-        if "trials" in value and (not isinstance(value["trials"], int) or isinstance(value["trials"], bool)
-                                  or value["trials"] < 0):
-            raise OptionError(f"option 'tune': 'trials' must be an int >= 0; got {value['trials']!r}.")
-        if "retune" in value and not isinstance(value["retune"], bool):
-            raise OptionError(f"option 'tune': 'retune' must be True or False; got {value['retune']!r}.")
-        if value.get("rpc") is not None:
-            value["rpc"] = _rpc_settings(value["rpc"])
         return cls(**value)
 
 
@@ -85,21 +105,6 @@ def _rpc_settings(value: Any) -> RpcSettings:
         if required not in value:
             raise OptionError(f"option 'tune.rpc' needs '{required}' (valid keys: tracker, key, sessions, priority, "
                               "session_timeout).")
-    tracker = value["tracker"]
-    host, _, port = tracker.rpartition(":") if isinstance(tracker, str) else ("", "", "")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise OptionError(f"option 'tune.rpc': 'tracker' must be 'host:port'; got {tracker!r}.")
-    if not isinstance(value["key"], str) or not value["key"]:
-        raise OptionError(f"option 'tune.rpc': 'key' must be a non-empty string; got {value['key']!r}.")
-    for name, minimum in (("sessions", 1), ("priority", None)):
-        v = value.get(name, 1)
-        if not isinstance(v, int) or isinstance(v, bool) or (minimum is not None and v < minimum):
-            raise OptionError(f"option 'tune.rpc': '{name}' must be an int{f' >= {minimum}' if minimum else ''}; "
-                              f"got {v!r}.")
-    timeout = value.get("session_timeout", 0.0)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-        raise OptionError(f"option 'tune.rpc': 'session_timeout' must be seconds >= 0; got {timeout!r}.")
-    value["session_timeout"] = float(timeout)
     return RpcSettings(**value)
 
 
@@ -113,8 +118,8 @@ class Settings:
     # 0.42 at BERT shapes, times 0.75 for the slowdown inside a model), no limit with the other cost models.
     csr_max_density: float | None = None
     # How the planner prices formats: "measured" (the calibrated model ranks the candidates and dense plus the close
-    # ones are timed on the weight, sparsecc/candidate_timing.py; a target that does not run here falls back to the
-    # predictions), "calibrated" (sparsecc/cost_model.py: a model of this machine from a micro-benchmark run once
+    # ones are timed on the weight, sparsecc/planning/candidate_timing.py; a target that does not run here falls back to the
+    # predictions), "calibrated" (sparsecc/planning/cost_model.py: a model of this machine from a micro-benchmark run once
     # per target and stored in the cache; predictions per candidate in the plan) or "break-even" (stored fraction
     # over each kernel's measured break-even density; never measures, so plans do not depend on timing). See
     # docs/benchmarks.md "Plan quality" for how often each picks the fastest.
@@ -158,6 +163,29 @@ class Settings:
     # Directory of sparsecc's on-disk cache (the tuning database); None: $SPARSECC_CACHE_DIR, else ~/.cache/sparsecc.
     cache_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        """Check every field, however the settings were made (options, `Settings(...)`, `dataclasses.replace`), and
+        turn the dict and list forms of `tune` and `formats` into their settings types."""
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "tune" and value is not None and not isinstance(value, TuneSettings):
+                value = TuneSettings.from_option(value)
+            elif field.name == "formats" and value is not None:
+                value = _formats(value)
+            elif field.name == "cache_dir" and isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            _check_type(field.name, value, hints[field.name])
+            object.__setattr__(self, field.name, value)
+        if self.csr_max_density is not None and not 0.0 <= self.csr_max_density <= 1.0:
+            raise OptionError(f"option 'csr_max_density' must be within [0, 1], got {self.csr_max_density}.")
+        if self.target != "host":
+            _check_target(self.target)
+        if self.min_gain <= 0:
+            raise OptionError(f"option 'min_gain' must be > 0 (1.0: any predicted gain), got {self.min_gain}.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise OptionError(f"option 'num_threads' must be >= 1 or None, got {self.num_threads}.")
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "Settings":
         """Settings from the user's options over those of $SPARSECC_OPTIONS, checked."""
@@ -171,37 +199,32 @@ class Settings:
 
     @classmethod
     def _checked(cls, options: dict[str, Any]) -> "Settings":
-        cls._check_options(options)
-        settings = cls(**options)
-        if settings.csr_max_density is not None and not 0.0 <= settings.csr_max_density <= 1.0:
-            raise OptionError(f"option 'csr_max_density' must be within [0, 1], got {settings.csr_max_density}.")
-        if settings.target != "host":
-            _check_target(settings.target)
-        if settings.min_gain <= 0:
-            raise OptionError(f"option 'min_gain' must be > 0 (1.0: any predicted gain), got {settings.min_gain}.")
-        if settings.num_threads is not None and settings.num_threads < 1:
-            raise OptionError(f"option 'num_threads' must be >= 1 or None, got {settings.num_threads}.")
-        return settings
-
-    @classmethod
-    def _check_options(cls, options: dict[str, Any]) -> None:
-        """Check each option's name and type, and turn the dict and list forms into their settings types, in place."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        for key, value in list(options.items()):
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise OptionError(
-                    f"unknown sparsecc option '{key}'.{hint} Valid options: {', '.join(sorted(fields))}."
-                )
-            if key == "tune" and value is not None and not isinstance(value, TuneSettings):
-                value = options[key] = TuneSettings.from_option(value)
-            if key == "formats" and value is not None:
-                value = options[key] = _formats(value)
-            if key == "cache_dir" and isinstance(value, os.PathLike):
-                value = options[key] = os.fspath(value)
-            _check_type(key, value, hints[key])
+                raise OptionError(f"unknown sparsecc option '{key}'.{hint} Valid options: {', '.join(sorted(fields))}.")
+        return cls(**options)
+
+    def resolved(self) -> "Settings":
+        """These settings with what a compile decides once filled in: `num_threads` (PyTorch's thread count when
+        unset) and `cache_dir` (the cache directory, sparsecc/cache.py). The pipeline resolves them at its start
+        and hands the result to every stage, so all of them see the same threads and cache."""
+        import torch
+
+        from sparsecc.cache import default_cache_dir
+
+        return dataclasses.replace(self, num_threads=self.num_threads or torch.get_num_threads(),
+                                   cache_dir=str(default_cache_dir(self.cache_dir)))
+
+    @property
+    def threads(self) -> int:
+        """The kernels' thread count, of resolved settings."""
+        if self.num_threads is None:
+            raise ValueError("these Settings are not resolved: call settings.resolved() once per compile and pass "
+                             "the result down")
+        return self.num_threads
 
 
 def environment_options() -> dict[str, Any]:
@@ -233,13 +256,34 @@ def _formats(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _check_target(spec: str) -> None:
-    from sparsecc.codegen.targets import parse_target
+# Short names for the `target` option; anything else is TVM's JSON dict form of an LLVM target.
+TARGET_ALIASES = {
+    "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic"},
+    "x86_64": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"},  # AVX2 + FMA
+}
 
+
+def target_fields(spec: str) -> dict[str, Any]:
+    """The TVM target fields a `target` option other than "host" names (checked here without TVM; TVM checks the
+    fields themselves when it builds the target, codegen/targets.py)."""
+    if spec in TARGET_ALIASES:
+        return dict(TARGET_ALIASES[spec])
     try:
-        parse_target(spec, 1)
-    except ValueError as exc:
-        raise OptionError(f"option 'target': {exc}") from None
+        fields = json.loads(spec)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise OptionError(f"option 'target': target {spec!r} is not 'host', one of {', '.join(TARGET_ALIASES)}, or a "
+                          'JSON LLVM target such as \'{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": '
+                          '"neoverse-n1"}\'')
+    if fields.get("kind") != "llvm":
+        raise OptionError(f"option 'target': target kind {fields.get('kind')!r}: sparsecc has CPU (LLVM) kernels "
+                          "only; GPU kernels are not written yet")
+    return fields
+
+
+def _check_target(spec: str) -> None:
+    target_fields(spec)
 
 
 def _check_type(key: str, value: Any, hint: Any) -> None:

@@ -1,4 +1,5 @@
 import os
+import shutil
 import warnings
 
 import pytest
@@ -7,13 +8,27 @@ import torch._dynamo
 
 import sparsecc
 from sparsecc.runtime.compiled import compiled_graphs
-from sparsecc.settings import ENV_OPTIONS
 
 # The suite checks captures, rewrites and kernels on small layers, where the default planner (cost_model="measured")
-# times dense and sparse and rightly keeps many of them dense: those tests plan by the break-even rule, which does
-# not depend on the clock, here and in the processes they start. Tests of measured planning and of the defaults
-# (test_cost_model.py, test_demo.py) ask for them explicitly.
-os.environ[ENV_OPTIONS] = '{"cost_model": "break-even"}'
+# times dense and sparse and rightly keeps many of them dense: those tests pass these options, planning by the
+# break-even rule, which does not depend on the clock. Tests of measured planning and of the defaults
+# (test_cost_model.py, test_demo.py, test_examples.py) leave them out.
+TEST_OPTIONS = {"cost_model": "break-even"}
+CLI_TEST_OPTIONS = ("-O", "cost_model=break-even")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every cache the suite writes (tuning database, calibrations, the OpenMP launcher), in this process and the ones
+    it starts, goes to one temporary directory: never the developer's own ~/.cache/sparsecc."""
+    path = tmp_path_factory.mktemp("sparsecc-cache")
+    saved = os.environ.get("SPARSECC_CACHE_DIR")
+    os.environ["SPARSECC_CACHE_DIR"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("SPARSECC_CACHE_DIR", None)
+    else:
+        os.environ["SPARSECC_CACHE_DIR"] = saved
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +73,8 @@ def watch():
 
 
 def compile_sparsecc(model, **options):
-    return torch.compile(model, backend="sparsecc", options=options or None)
+    """torch.compile with sparsecc and the suite's options (TEST_OPTIONS) under the test's own."""
+    return torch.compile(model, backend="sparsecc", options={**TEST_OPTIONS, **options})
 
 
 @pytest.fixture
@@ -72,21 +88,24 @@ def no_fallback():
 @pytest.fixture
 def reference_machine():
     """The cost model's built-in figures: plans that do not depend on this machine's calibration."""
-    from sparsecc.cost_model import REFERENCE
+    from sparsecc.planning.cost_model import REFERENCE
 
     return REFERENCE
 
 
-@pytest.fixture
-def calibrated_cache_dir(tmp_path):
-    """An empty cache directory holding only this machine's cost-model calibration (measured once into the default
-    cache and copied: calibrating again costs 30 s per test or subprocess)."""
-    import shutil
-
-    from sparsecc.calibration import machine_model
+@pytest.fixture(scope="session")
+def session_calibration(isolated_cache):
+    """This machine's cost-model calibration, measured once per test session into the session's cache (about a
+    minute on 2 cores)."""
+    from sparsecc.planning.calibration import machine_model
     from sparsecc.settings import Settings
-    from sparsecc.tuning_db import default_cache_dir
 
-    machine_model(Settings())
-    shutil.copytree(default_cache_dir() / "machines", tmp_path / "cache" / "machines")
+    return machine_model(Settings().resolved())
+
+
+@pytest.fixture
+def calibrated_cache_dir(tmp_path, isolated_cache, session_calibration):
+    """An empty cache directory holding only this machine's cost-model calibration (copied from the session's:
+    calibrating again costs a minute per test or subprocess)."""
+    shutil.copytree(isolated_cache / "machines", tmp_path / "cache" / "machines")
     return tmp_path / "cache"

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from sparsecc.cost_model import REFERENCE
+from sparsecc.planning.cost_model import REFERENCE
 from sparsecc.errors import OptionError
 from sparsecc.formats import BlockStats, FormatChoice, SparseFormat, SparsePlan, WeightSparsity, WeightUse
 from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights, block_stats, describe_weight, nm_stats
@@ -42,7 +42,7 @@ def only_weight(gm):
 ])
 def test_zeros_found_in_either_operand(fn, operand, op):
     w = sparse_matrix(32, 32, 0.2)
-    gm = analyze_weights(traced(fn(w), torch.randn(32, 32)), Settings())
+    gm = analyze_weights(traced(fn(w), torch.randn(32, 32)), Settings().resolved())
     found = only_weight(gm)
     assert found.nnz == int(torch.count_nonzero(w)) and found.shape == (32, 32)
     assert found.uses == (WeightUse(op, operand, found.uses[0].node, 32),)  # 32 rows of x
@@ -51,7 +51,7 @@ def test_zeros_found_in_either_operand(fn, operand, op):
 def test_bmm_weight_is_analysed_but_kept_dense():
     w = torch.zeros(4, 16, 16)
     w[:, 0, 0] = 1
-    gm = analyze_weights(traced(lambda x: torch.bmm(x, w), torch.randn(4, 8, 16)), Settings())
+    gm = analyze_weights(traced(lambda x: torch.bmm(x, w), torch.randn(4, 8, 16)), Settings().resolved())
     found = only_weight(gm)
     assert found.nnz == 4 and found.uses[0].op == "aten.bmm.default"
     choice = choose_format(found, Settings(min_weight_numel=1), REFERENCE)
@@ -62,7 +62,7 @@ def test_bmm_weight_is_analysed_but_kept_dense():
 @given(rows=st.integers(1, 40), cols=st.integers(1, 40), density=st.floats(0, 1), seed=st.integers(0, 2**16))
 def test_density_is_exact(rows, cols, density, seed):
     w = sparse_matrix(rows, cols, density, seed)
-    gm = analyze_weights(traced(lambda x: x @ w, torch.randn(3, rows)), Settings())
+    gm = analyze_weights(traced(lambda x: x @ w, torch.randn(3, rows)), Settings().resolved())
     found = only_weight(gm)
     assert found.nnz == int((w != 0).sum())
     assert found.density == pytest.approx(found.nnz / (rows * cols))
@@ -90,7 +90,7 @@ def test_format_choice_and_reason(w, fmt, fragment):
 
 def test_plan_covers_every_analysed_weight():
     w1, w2 = sparse_matrix(512, 768, 0.02), sparse_matrix(768, 512, 0.9)
-    gm = analyze_weights(traced(lambda x: (x @ w1) @ w2, torch.randn(64, 512)), Settings())
+    gm = analyze_weights(traced(lambda x: (x @ w1) @ w2, torch.randn(64, 512)), Settings().resolved())
     plan = plan_formats(gm, Settings(min_weight_numel=1, cost_model="calibrated"), REFERENCE)
     assert [c.format for c in plan.choices.values()] == [SparseFormat.CSR, SparseFormat.DENSE]
     assert plan.sparse_weights() == [next(iter(plan.choices))]
@@ -140,7 +140,8 @@ def test_block_structure_is_detected_and_chosen(block):
 
 def test_blocks_measured_in_out_by_in_orientation():
     w = block_pruned(64, 32, (16, 1), 0.2)  # (out, in) with 16 x 1 blocks
-    gm = analyze_weights(traced(lambda x: x @ w.t(), torch.randn(3, 32)), Settings())  # used as W^T on the right
+    # used as W^T on the right
+    gm = analyze_weights(traced(lambda x: x @ w.t(), torch.randn(3, 32)), Settings().resolved())
     found = only_weight(gm)
     assert found.block_fill(16, 1) == pytest.approx(1.0)
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from conftest import TEST_OPTIONS
+
 import sparsecc
 from sparsecc.artifact import exporter
 from sparsecc.sparsify import block_prune_, magnitude_prune_, prune_linears_
@@ -38,7 +40,7 @@ def pruned_mlp():
 @pytest.fixture
 def built(tmp_path):
     model, x = pruned_mlp(), torch.randn(8, 128)
-    path = sparsecc.export(model, (x,), tmp_path / "mlp")
+    path = sparsecc.export(model, (x,), tmp_path / "mlp", **TEST_OPTIONS)
     return model, x, path
 
 
@@ -92,7 +94,7 @@ def test_bert_style_model_from_an_exported_program(tmp_path):
     prune_linears_(model, 0.9)
     ids = torch.randint(0, 512, (1, 32))
     program = torch.export.export(model, (ids,))
-    loaded = sparsecc.load(sparsecc.export(program, None, tmp_path / "bert"))
+    loaded = sparsecc.load(sparsecc.export(program, None, tmp_path / "bert", **TEST_OPTIONS))
     with torch.no_grad():
         expected = model(ids)
         actual = loaded(ids)
@@ -103,15 +105,15 @@ def test_bert_style_model_from_an_exported_program(tmp_path):
 
 def test_same_program_builds_byte_identical_artifacts(tmp_path):
     program = torch.export.export(pruned_mlp(), (torch.randn(8, 128),))
-    first = sparsecc.export(program, None, tmp_path / "a")
-    second = sparsecc.export(program, None, tmp_path / "b")
+    first = sparsecc.export(program, None, tmp_path / "a", **TEST_OPTIONS)
+    second = sparsecc.export(program, None, tmp_path / "b", **TEST_OPTIONS)
     for name in sorted(os.listdir(first)):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
 def test_interrupted_build_leaves_nothing_that_loads(tmp_path, monkeypatch):
     model, x = pruned_mlp(), torch.randn(8, 128)
-    old = sparsecc.export(model, (x,), tmp_path / "art")
+    old = sparsecc.export(model, (x,), tmp_path / "art", **TEST_OPTIONS)
     before = (old / "manifest.json").read_bytes()
 
     def killed(*args, **kwargs):
@@ -121,9 +123,9 @@ def test_interrupted_build_leaves_nothing_that_loads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvm.runtime.Executable, "export_library", killed)
     with pytest.raises(KeyboardInterrupt):
-        sparsecc.export(model, (x,), tmp_path / "art")
+        sparsecc.export(model, (x,), tmp_path / "art", **TEST_OPTIONS)
     with pytest.raises(KeyboardInterrupt):
-        sparsecc.export(model, (x,), tmp_path / "new")
+        sparsecc.export(model, (x,), tmp_path / "new", **TEST_OPTIONS)
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no partial directories left behind
     assert (old / "manifest.json").read_bytes() == before
@@ -137,7 +139,8 @@ def test_interrupted_build_leaves_nothing_that_loads(tmp_path, monkeypatch):
 
 
 def test_cross_target_artifact_is_marked_and_refused_here(tmp_path):
-    path = sparsecc.export(pruned_mlp(), (torch.randn(8, 128),), tmp_path / "arm", target="aarch64")
+    path = sparsecc.export(pruned_mlp(), (torch.randn(8, 128),), tmp_path / "arm", target="aarch64",
+                           **TEST_OPTIONS)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["target"]["arch"] == "aarch64" and manifest["library"] == "kernels.tar"
     with pytest.raises(sparsecc.ArtifactError, match="built for aarch64"):
@@ -155,7 +158,8 @@ def test_artifact_needing_cpu_features_this_cpu_lacks_is_refused(built):
 
 def test_gpu_target_is_refused_with_a_reason(tmp_path):
     with pytest.raises(sparsecc.OptionError, match="CPU"):
-        sparsecc.export(pruned_mlp(), (torch.randn(8, 128),), tmp_path / "gpu", target='{"kind": "cuda"}')
+        sparsecc.export(pruned_mlp(), (torch.randn(8, 128),), tmp_path / "gpu", target='{"kind": "cuda"}',
+                        **TEST_OPTIONS)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -220,7 +224,7 @@ def test_op_without_tvm_kernel_stays_in_pytorch(tmp_path):
     model = WithCumsum().eval()
     prune_linears_(model, 0.9)
     x = torch.randn(8, 128)
-    loaded = sparsecc.load(sparsecc.export(model, (x,), tmp_path / "cumsum"))
+    loaded = sparsecc.load(sparsecc.export(model, (x,), tmp_path / "cumsum", **TEST_OPTIONS))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
     graph = json.loads((loaded.path / "graph.json").read_text())
@@ -237,10 +241,10 @@ def test_failing_stage_falls_back_to_a_pytorch_artifact_or_raises(tmp_path, monk
     monkeypatch.setattr(importer, "lower_graph", broken)
     model, x = pruned_mlp(), torch.randn(8, 128)
     with pytest.raises(sparsecc.StageError, match="stage 'lower'.*lowering exploded"):
-        sparsecc.export(model, (x,), tmp_path / "raise", on_failure="raise")
+        sparsecc.export(model, (x,), tmp_path / "raise", on_failure="raise", **TEST_OPTIONS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = sparsecc.export(model, (x,), tmp_path / "fallback")
+        path = sparsecc.export(model, (x,), tmp_path / "fallback", **TEST_OPTIONS)
     assert any(issubclass(w.category, sparsecc.SparseccFallbackWarning) for w in caught)
     loaded = sparsecc.load(path)
     assert loaded.manifest["library"] is None and loaded.manifest["stages"] == ["capture"]
@@ -263,5 +267,5 @@ def test_op_from_another_library_is_named(tmp_path):
             return torch.ops.sparsecc_test_ext.twice(self.a(x))
 
     with pytest.raises(sparsecc.UnsupportedError, match="sparsecc_test_ext"):
-        sparsecc.export(Ext().eval(), (torch.randn(8, 128),), tmp_path / "ext")
+        sparsecc.export(Ext().eval(), (torch.randn(8, 128),), tmp_path / "ext", **TEST_OPTIONS)
     assert not (tmp_path / "ext").exists()

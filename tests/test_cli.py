@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import CLI_TEST_OPTIONS
+
 from sparsecc.cli import COMMANDS, main
 from sparsecc.sparsify import prune_linears_
 
@@ -31,7 +33,7 @@ def program(tmp_path_factory):
 
 
 def test_analyze_json_lists_each_weight_with_format_and_gain(program):
-    done = sparsecc_cli("analyze", program, "--json")
+    done = sparsecc_cli("analyze", program, "--json", *CLI_TEST_OPTIONS)
     assert done.returncode == 0, done.stderr
     rows = {r["weight"]: r for r in json.loads(done.stdout)["weights"]}
     assert set(rows) == {"0.weight", "2.weight", "3.weight"}
@@ -40,7 +42,9 @@ def test_analyze_json_lists_each_weight_with_format_and_gain(program):
     assert rows["0.weight"]["shape"] == [128, 256]
 
 
-def test_analyze_shows_each_candidates_prediction_with_the_calibrated_model(program):
+@pytest.mark.slow  # needs this machine's calibration (measured once per session, about a minute)
+def test_analyze_shows_each_candidates_prediction_with_the_calibrated_model(program, monkeypatch, calibrated_cache_dir):
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(calibrated_cache_dir))
     done = sparsecc_cli("analyze", program, "--json", "-O", "cost_model=calibrated")
     assert done.returncode == 0, done.stderr
     rows = {r["weight"]: r for r in json.loads(done.stdout)["weights"]}
@@ -54,7 +58,8 @@ def test_analyze_shows_each_candidates_prediction_with_the_calibrated_model(prog
 
 def test_analyze_table_and_plot(program, tmp_path):
     pytest.importorskip("matplotlib")
-    done = sparsecc_cli("analyze", program, "--plot", tmp_path / "plan.png", "-O", "min_weight_numel=1000000")
+    done = sparsecc_cli("analyze", program, "--plot", tmp_path / "plan.png", "-O", "min_weight_numel=1000000",
+                        *CLI_TEST_OPTIONS)
     assert done.returncode == 0, done.stderr
     assert "0.weight" in done.stdout and "0 of 3 weights sparse" in done.stdout  # the option reached the planner
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -62,7 +67,7 @@ def test_analyze_table_and_plot(program, tmp_path):
 
 def test_build_inspect_bench(program, tmp_path):
     out = tmp_path / "artifact"
-    done = sparsecc_cli("build", program, "-o", out)
+    done = sparsecc_cli("build", program, "-o", out, *CLI_TEST_OPTIONS)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out)
     assert "[7/7] build done" in done.stderr  # progress goes to stderr
@@ -80,7 +85,7 @@ def test_build_inspect_bench(program, tmp_path):
 
 def test_build_for_another_cpu_then_inspect(program, tmp_path):
     out = tmp_path / "arm"
-    assert sparsecc_cli("build", program, "-o", out, "--target", "aarch64").returncode == 0
+    assert sparsecc_cli("build", program, "-o", out, "--target", "aarch64", *CLI_TEST_OPTIONS).returncode == 0
     text = sparsecc_cli("inspect", out).stdout
     assert "aarch64-linux-gnu" in text and "not this machine" in text
 
@@ -118,7 +123,7 @@ def test_help_everywhere(command, capsys):
 def test_export_mlir_writes_encoded_weights(program, tmp_path):
     pytest.importorskip("torch_mlir")
     out = tmp_path / "model.mlir"
-    done = sparsecc_cli("export-mlir", program, "-o", out)
+    done = sparsecc_cli("export-mlir", program, "-o", out, *CLI_TEST_OPTIONS)
     assert done.returncode == 0, done.stderr
     from torch_mlir import ir
 
@@ -130,14 +135,15 @@ def test_export_mlir_writes_encoded_weights(program, tmp_path):
     assert text.count("#sparse") >= 2 and 'sparsecc.weight = "3.weight"' in text
 
 
-def test_tune_fills_the_database_and_build_reuses_it(program, tmp_path, monkeypatch, calibrated_cache_dir):
-    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(calibrated_cache_dir))
-    first = sparsecc_cli("tune", program, "--trials", "2")
+def test_tune_fills_the_database_and_build_reuses_it(program, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPARSECC_CACHE_DIR", str(cache))
+    first = sparsecc_cli("tune", program, "--trials", "2", *CLI_TEST_OPTIONS)
     assert first.returncode == 0, first.stderr
-    assert "tuned" in first.stdout and (calibrated_cache_dir / "tuning.sqlite").is_file()
-    again = sparsecc_cli("tune", program, "--trials", "2")
+    assert "tuned" in first.stdout and (cache / "tuning.sqlite").is_file()
+    again = sparsecc_cli("tune", program, "--trials", "2", *CLI_TEST_OPTIONS)
     assert again.returncode == 0 and "0 measurements" in again.stdout and "database" in again.stdout
-    built = sparsecc_cli("build", program, "-o", tmp_path / "art", "--tune", "2")
+    built = sparsecc_cli("build", program, "-o", tmp_path / "art", "--tune", "2", *CLI_TEST_OPTIONS)
     assert built.returncode == 0, built.stderr
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["options"]["tune"]["trials"] == 2
@@ -165,6 +171,6 @@ def test_program_returning_the_models_own_class_builds(tmp_path):
     net = Net().eval()
     prune_linears_(net, 0.9)
     torch.export.save(torch.export.export(net, (torch.randn(4, 128),)), str(tmp_path / "own.pt2"))
-    done = sparsecc_cli("build", tmp_path / "own.pt2", "-o", tmp_path / "art")
+    done = sparsecc_cli("build", tmp_path / "own.pt2", "-o", tmp_path / "art", *CLI_TEST_OPTIONS)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "a dict stands in for it" in done.stderr and "Traceback" not in done.stderr

@@ -1,17 +1,16 @@
 """The main job, run as a user runs it, at a small size, with the default options (measured planning)."""
 
-import os
 import re
 import subprocess
 import sys
 
-from sparsecc.settings import ENV_OPTIONS
+import pytest
 
 
-def test_main_job_compiles_checks_and_reports():
+@pytest.mark.slow  # a fresh process that calibrates the cost model (about a minute here) before it plans
+def test_main_job_compiles_checks_and_reports(session_calibration):
     cmd = [sys.executable, "-m", "sparsecc", "--layers", "1", "--seq", "16", "--repeats", "2", "--no-inductor"]
-    env = {k: v for k, v in os.environ.items() if k != ENV_OPTIONS}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "output matches eager PyTorch" in out.stdout
     # The encoder's six Linears are 90 % zeros: sparse kernels run them several times faster than dense at any

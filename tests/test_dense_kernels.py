@@ -5,9 +5,9 @@ import pytest
 import torch
 import tvm
 
-from sparsecc.codegen.kernels.attention import attention_kernel, can_tile, query_tile
-from sparsecc.codegen.kernels.bsr import from_token_tiles, to_token_tiles, token_tiled_shape
-from sparsecc.codegen.kernels.layer_norm import layer_norm_kernel, token_tile
+from sparsecc.codegen.kernels.cpu.attention import attention_kernel, can_tile, query_tile
+from sparsecc.kernel_work import from_token_tiles, to_token_tiles, token_tiled_shape
+from sparsecc.codegen.kernels.cpu.layer_norm import layer_norm_kernel, token_tile
 from sparsecc.codegen.targets import host_target
 from sparsecc.ops import attention
 

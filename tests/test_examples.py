@@ -1,8 +1,18 @@
-"""Each script in examples/ runs as a user would run it and checks its own result."""
+"""Each script in examples/ runs as a user would run it (default options: measured planning, which calibrates this
+machine once per test session) and checks its own result. Fresh processes: slow tests (`pytest -m slow`)."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def calibrated(session_calibration):
+    """The examples plan by measuring: calibrate once in this process, into the cache their processes share."""
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import relax
 
-from sparsecc.codegen.kernels.bsr import (MAX_TASKS, ROW_WORK, bsr_linear_kernel, default_knobs, task_spans,
-                                          to_token_tiles, token_tiled_shape, work_prefix)
+from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
+from sparsecc.kernel_work import MAX_TASKS, ROW_WORK, default_knobs, task_spans, to_token_tiles, token_tiled_shape, work_prefix
 from sparsecc.codegen.targets import host_target
 from sparsecc.ops import ACTIVATIONS
 from sparsecc.packing import pack_blocks, pack_ell, uniform_row_blocks
@@ -208,9 +208,9 @@ def test_tvm_threads_follow_torch_and_the_option():
         wrapped.emit_func_output(out)
     from sparsecc.settings import Settings
 
-    build(wrapped.get(), Settings(num_threads=1))
+    build(wrapped.get(), Settings(num_threads=1).resolved())
     assert tvm.runtime.num_threads() == 1
-    build(wrapped.get(), Settings())
+    build(wrapped.get(), Settings().resolved())
     assert tvm.runtime.num_threads() == torch.get_num_threads()
 
 
@@ -252,7 +252,7 @@ def test_register_transpose(rows, lanes):
     """R vectors of C lanes come out as C columns of R values, whichever of R and C is larger."""
     from tvm.script import tirx as T
 
-    from sparsecc.codegen.kernels.transpose import emit_transpose, load, ramp, store
+    from sparsecc.codegen.kernels.cpu.transpose import emit_transpose, load, ramp, store
 
     def block(src, dst):
         emit_transpose([load(src, [i, ramp(0, lanes)]) for i in range(rows)], lanes,

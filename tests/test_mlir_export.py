@@ -183,7 +183,7 @@ def test_plan_from_the_pipeline():
     block_prune_(model[2].weight.data, 0.9, (8, 1))
     block_prune_(model[4].weight.data, 0.9, (4, 4))
     program = torch.export.export(model, (torch.randn(4, 64),))
-    plan = plan_program(program, {"min_weight_numel": 0})
+    plan = plan_program(program, {"cost_model": "break-even", "min_weight_numel": 0})
     chosen = {plan.weights[k].name: c for k, c in plan.choices.items()}
     assert chosen["0.weight"].format is SparseFormat.CSR
     assert (chosen["2.weight"].format, chosen["2.weight"].block) == (SparseFormat.BSR, (8, 1))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
-from conftest import CompileWatch, compile_sparsecc
+from conftest import TEST_OPTIONS, CompileWatch, compile_sparsecc
 
 import sparsecc
 from sparsecc.sparsify import prune_linears_
@@ -366,7 +366,7 @@ def test_sparse_layout_weights_through_sparsecc_compile(no_fallback):
     model.fc1.weight = nn.Parameter(model.fc1.weight.detach().to_sparse_csr(), requires_grad=False)
     model.fc2.weight = nn.Parameter(model.fc2.weight.detach().to_sparse_bsr((1, 1)), requires_grad=False)
     model.fc3.weight = nn.Parameter(model.fc3.weight.detach().to_sparse_coo(), requires_grad=False)
-    compiled = sparsecc.compile(model, options={"min_weight_numel": 1})
+    compiled = sparsecc.compile(model, options={**TEST_OPTIONS, "min_weight_numel": 1})
     x = torch.randn(3, 97)
     with torch.no_grad(), CompileWatch() as watch:
         torch.testing.assert_close(compiled(x), dense_reference(x), **FP32)

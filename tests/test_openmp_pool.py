@@ -4,12 +4,12 @@ the kernels stay on TVM's pool and still agree."""
 
 import pytest
 import torch
-from conftest import CompileWatch, compile_sparsecc
+from conftest import TEST_OPTIONS, CompileWatch, compile_sparsecc
 from test_aot import pruned_mlp
 from test_models import OddMLP, region_calls
 
 import sparsecc
-from sparsecc.codegen import openmp_pool
+from sparsecc.codegen import openmp_pool, targets
 from sparsecc.codegen.build import uses_openmp
 from sparsecc.settings import Settings
 from sparsecc.sparsify import prune_linears_
@@ -32,8 +32,7 @@ def run_counting_launches(compiled, model, x):
 @pytest.fixture
 def default_openmp(monkeypatch):
     """PyTorch's OpenMP threads as libgomp spins them by default, so "auto" picks them."""
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(targets, "OMP_SPINS", float("inf"))  # what omp_spins reads from an environment without either
 
 
 def test_kernels_launch_on_pytorchs_openmp_threads(no_fallback, default_openmp):
@@ -57,12 +56,18 @@ def test_tvm_pool_when_asked(no_fallback, default_openmp):
 
 
 def test_which_pool_auto_picks(default_openmp, monkeypatch):
-    assert uses_openmp(Settings())
-    assert not uses_openmp(Settings(thread_pool="tvm"))
-    assert not uses_openmp(Settings(num_threads=torch.get_num_threads() + 1))
-    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")  # PyTorch's threads sleep at once: TVM's spinning pool is better
-    assert not uses_openmp(Settings())
-    assert uses_openmp(Settings(thread_pool="openmp"))
+    assert uses_openmp(Settings().resolved())
+    assert not uses_openmp(Settings(thread_pool="tvm").resolved())
+    assert not uses_openmp(Settings(num_threads=torch.get_num_threads() + 1).resolved())
+    # PyTorch's threads sleep at once (GOMP_SPINCOUNT=1000 when torch loaded libgomp): TVM's spinning pool is better.
+    monkeypatch.setattr(targets, "OMP_SPINS", 1000)
+    assert not uses_openmp(Settings().resolved())
+    assert uses_openmp(Settings(thread_pool="openmp").resolved())
+
+
+def test_launcher_is_built_in_the_cache_dir_option(tmp_path):
+    library = openmp_pool._built_shim(str(tmp_path / "cache"))
+    assert library.parent == tmp_path / "cache" / "openmp" and library.is_file()
 
 
 def test_without_an_openmp_runtime_kernels_stay_on_tvms_pool(no_fallback, default_openmp, monkeypatch):
@@ -81,7 +86,7 @@ def test_without_an_openmp_runtime_kernels_stay_on_tvms_pool(no_fallback, defaul
 
 def test_loaded_artifact_launches_on_openmp_threads(default_openmp, tmp_path):
     model, x = pruned_mlp(), torch.randn(8, 128)
-    loaded = sparsecc.load(sparsecc.export(model, (x,), tmp_path / "mlp"))
+    loaded = sparsecc.load(sparsecc.export(model, (x,), tmp_path / "mlp", **TEST_OPTIONS))
     before, _ = openmp_pool.launch_count()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), **FP32)

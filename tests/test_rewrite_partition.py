@@ -13,9 +13,10 @@ from sparsecc.passes.fold_constants import fold_constants
 from sparsecc.passes.partition_regions import REGION_PREFIX, find_regions, partition_regions
 from sparsecc.passes.plan_formats import plan_formats
 from sparsecc.passes.rewrite_sparse import rewrite_sparse
+from sparsecc.passes.runner import run_passes
 from sparsecc.settings import Settings
 
-S = Settings(min_weight_numel=1, cost_model="break-even")  # plans that do not depend on timing (conftest.py)
+S = Settings(min_weight_numel=1, cost_model="break-even").resolved()  # plans that do not depend on timing
 
 
 def sparse_matrix(rows, cols, density=0.1, seed=0):
@@ -30,7 +31,8 @@ def rewritten(fn, *inputs):
         gm = make_fx(fn)(*inputs)
     fold_constants(gm, S)
     analyze_weights(gm, S)
-    return rewrite_sparse(gm, S, plan_formats(gm, S))
+    run_passes(gm, S, (("rewrite_sparse", lambda g, s: rewrite_sparse(g, s, plan_formats(g, s))),))
+    return gm
 
 
 def sparse_nodes(gm):
@@ -134,7 +136,8 @@ def fused(fn, *inputs):
     from sparsecc.passes.fuse_epilogues import fuse_epilogues
 
     gm = rewritten(fn, *inputs)
-    return fuse_epilogues(gm, S)
+    run_passes(gm, S, (("fuse_epilogues", fuse_epilogues),))
+    return gm
 
 
 W2 = sparse_matrix(48, 48, seed=3)

@@ -1,3 +1,6 @@
+import dataclasses
+import os
+
 import pytest
 import torch
 from conftest import compile_sparsecc
@@ -5,11 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sparsecc
-from sparsecc.settings import ENV_OPTIONS, Settings
+from sparsecc.settings import ENV_OPTIONS, RpcSettings, Settings, TuneSettings
 
 
 def test_defaults_are_frozen(monkeypatch):
-    monkeypatch.delenv(ENV_OPTIONS)
+    monkeypatch.delenv(ENV_OPTIONS, raising=False)
     s = Settings.from_options(None)
     with pytest.raises(Exception):
         s.csr_max_density = 0.5  # type: ignore[misc]
@@ -48,6 +51,40 @@ def test_environment_options_are_defaults_under_the_callers(monkeypatch):
     assert (s.cost_model, s.formats, s.min_gain) == ("calibrated", ("csr",), 1.5)
     monkeypatch.delenv(ENV_OPTIONS)
     assert Settings.from_options(None).cost_model == "measured"
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: Settings(min_gain=0), "'min_gain' must be > 0"),
+    (lambda: Settings(cost_model="fast"), "'break-even', 'calibrated', 'measured'"),
+    (lambda: dataclasses.replace(Settings(), csr_max_density=2.0), "within [0, 1]"),
+    (lambda: Settings(formats=["csr", "coo"]), "'coo' is not one of"),
+    (lambda: Settings(target="sparc"), "option 'target'"),
+    (lambda: Settings(target='{"kind": "cuda"}'), "GPU kernels are not written yet"),
+    (lambda: TuneSettings(trials=-1), "'trials' must be an int >= 0"),
+    (lambda: RpcSettings(tracker="no-port", key="cpu"), "'tracker' must be 'host:port'"),
+])
+def test_settings_built_directly_are_checked_too(make, fragment):
+    with pytest.raises(sparsecc.OptionError, match="option") as info:
+        make()
+    assert fragment in str(info.value)
+
+
+def test_dict_and_list_forms_become_settings_types_however_built():
+    s = Settings(tune={"trials": 4, "rpc": {"tracker": "127.0.0.1:9190", "key": "cpu"}}, formats=["csr", "csr", "bsr"])
+    assert s.tune == TuneSettings(trials=4, rpc=RpcSettings("127.0.0.1:9190", "cpu")) and s.formats == ("csr", "bsr")
+    assert s == Settings.from_options({"tune": {"trials": 4, "rpc": {"tracker": "127.0.0.1:9190", "key": "cpu"}},
+                                       "formats": ("csr", "bsr")})
+
+
+def test_resolved_settings_fix_threads_and_cache_once(tmp_path):
+    with pytest.raises(ValueError, match="resolved"):
+        Settings().threads  # noqa: B018  (unresolved: no stage may guess the thread count)
+    s = Settings().resolved()
+    assert s.threads == s.num_threads == torch.get_num_threads()
+    assert s.cache_dir == os.environ["SPARSECC_CACHE_DIR"]  # the suite's own cache (conftest.isolated_cache)
+    assert s.resolved() == s
+    own = Settings(num_threads=1, cache_dir=tmp_path).resolved()
+    assert (own.threads, own.cache_dir) == (1, str(tmp_path))
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -10,24 +10,28 @@ import torch
 import tvm
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from conftest import TEST_OPTIONS
+
 from sparsecc import OptionError, SparseccError
 from sparsecc.codegen import tuning
+from sparsecc.codegen.tuning import knob_search, runners
 from sparsecc.codegen.converters import SparseLinearSpec
-from sparsecc.codegen.kernels.bsr import KernelKnobs, bsr_linear_kernel, default_knobs
+from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
+from sparsecc.kernel_work import KernelKnobs, default_knobs
 from sparsecc.codegen.targets import host_target
 from sparsecc.packing import pack_blocks
 from sparsecc.pipeline import run_pipeline
 from sparsecc.settings import Settings, TuneSettings
-from sparsecc.tuning_db import TuningDatabase, TuningKey, TuningRecord
+from sparsecc.planning.tuning_db import TuningDatabase, TuningKey, TuningRecord
 
 
 @pytest.fixture(autouse=True)
 def quick_timing(monkeypatch):
     """Short timings: these tests check what tuning does, not how well it ranks kernels."""
-    monkeypatch.setattr(tuning, "MIN_REPEAT_MS", 1)
-    monkeypatch.setattr(tuning, "REPEAT", 2)
-    monkeypatch.setattr(tuning, "CONFIRM_ROUNDS", 1)
-    monkeypatch.setattr(tuning, "CONTEXT_RUNS", 3)
+    monkeypatch.setattr(runners, "MIN_REPEAT_MS", 1)
+    monkeypatch.setattr(runners, "REPEAT", 2)
+    monkeypatch.setattr(knob_search, "CONFIRM_ROUNDS", 1)
+    monkeypatch.setattr(runners, "CONTEXT_RUNS", 3)
 
 
 def sparse_weight(n, k, density, seed, block=(1, 1)):
@@ -97,7 +101,7 @@ def layers_model():
 
 
 def compile_fn(fn, x, **options):
-    settings = Settings.from_options({"min_weight_numel": 1, "on_failure": "raise", **options})
+    settings = Settings.from_options({**TEST_OPTIONS, "min_weight_numel": 1, "on_failure": "raise", **options})
     return run_pipeline(make_fx(fn)(x), [x], settings)
 
 
@@ -137,17 +141,17 @@ def test_tuning_then_database_reuse_without_measuring(tmp_path):
     for record in db.records():
         db.put(dataclasses.replace(record, trials=2))
     starts = []
-    real_search = tuning.search
+    real_search = knob_search.search
 
     def spy(task, trials, runner, start=None, *args, **kwargs):
         starts.append(start)
         return real_search(task, trials, runner, start, *args, **kwargs)
 
-    tuning.search, saved = spy, tuning.search
+    knob_search.search, saved = spy, knob_search.search
     try:
         longer = compile_fn(fn, x, tune={"trials": 3}, cache_dir=str(tmp_path))
     finally:
-        tuning.search = saved
+        knob_search.search = saved
     assert [k.source for k in longer.tuning.kernels] == ["tuned", "tuned"] and starts == [forced, forced]
 
 
@@ -253,13 +257,13 @@ def test_rpc_loopback_tracker_and_server(tmp_path, monkeypatch):
         task = tuning.KernelTask.from_weight(w, 37, bias=bias)
         options = {"trials": 4, "rpc": {"tracker": address, "key": "sparsecc-test", "sessions": 2}}
         timed_on = []
-        real_time_us = tuning._Device.time_us
+        real_time_us = runners._Device.time_us
 
         def spy(self, cand):
             timed_on.append(self.name)
             return real_time_us(self, cand)
 
-        monkeypatch.setattr(tuning._Device, "time_us", spy)
+        monkeypatch.setattr(runners._Device, "time_us", spy)
         report = tuning.tune_weights([task], options, Settings(cache_dir=str(tmp_path), num_threads=2))
     finally:
         for server in servers:

@@ -19,7 +19,7 @@ from sparsecc.artifact.graph_json import graph_to_json
 from sparsecc.artifact.store import write_atomically, write_json
 from sparsecc.errors import SparseccError, SparseccFallbackWarning, UnsupportedError
 from sparsecc.formats import SparsePlan
-from sparsecc.pipeline import PipelineState, run_pipeline
+from sparsecc.pipeline import PipelineResult, run_pipeline
 from sparsecc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,13 @@ def lifted_inputs(program: ExportedProgram, inputs: Sequence[torch.Tensor]) -> t
     return values, names
 
 
-def compile_program(program: ExportedProgram, inputs: Sequence[torch.Tensor], settings: Settings) -> PipelineState:
+def compile_program(program: ExportedProgram, inputs: Sequence[torch.Tensor], settings: Settings) -> PipelineResult:
     """The pipeline over an exported program. A failing stage falls back to the captured dense graph (with a
     SparseccFallbackWarning) unless on_failure="raise"."""
     values, names = lifted_inputs(program, inputs)
     source = program.graph_module
 
-    def run(s: Settings) -> PipelineState:
+    def run(s: Settings) -> PipelineResult:
         return run_pipeline(source, values, s, names)
 
     try:
@@ -235,10 +235,10 @@ def _out_tree(program: ExportedProgram) -> str | None:
         return None
 
 
-def _target_record(state: PipelineState) -> dict[str, Any]:
-    from sparsecc.codegen.targets import cpu_features, parse_target, resolve_threads, target_arch
+def _target_record(state: PipelineResult) -> dict[str, Any]:
+    from sparsecc.codegen.targets import cpu_features, target_arch, target_of
 
-    target = state.target or parse_target(state.settings.target, resolve_threads(state.settings.num_threads))
+    target = state.target or target_of(state.settings)
     return {"option": state.settings.target, "arch": target_arch(target),
             "mtriple": str(target.attrs.get("mtriple", "")), "mcpu": str(target.attrs.get("mcpu", "")),
             "features": cpu_features(target)}

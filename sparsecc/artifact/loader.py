@@ -133,13 +133,14 @@ def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], we
     from sparsecc.codegen.build import uses_openmp
     from sparsecc.codegen.executable import TvmRegion
     from sparsecc.codegen.openmp_pool import redirect_parallel_launch
-    from sparsecc.codegen.targets import configure_threads, resolve_threads
+    from sparsecc.codegen.targets import configure_threads
     from sparsecc.settings import Settings
 
     library = path / manifest["library"]
     options = manifest.get("options", {})
-    threads = Settings(num_threads=options.get("num_threads"), thread_pool=options.get("thread_pool", "auto"))
-    configure_threads(resolve_threads(threads.num_threads))
+    # The build machine's cache_dir means nothing here: the launcher goes to this machine's cache.
+    threads = Settings(num_threads=options.get("num_threads"), thread_pool=options.get("thread_pool", "auto")).resolved()
+    configure_threads(threads.threads)
     try:
         if library.suffix == ".tar":
             # TVM links a .tar next to itself; the artifact may be read-only, so link a copy elsewhere.
@@ -149,7 +150,7 @@ def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], we
         else:
             module = tvm.runtime.load_module(str(library))
             if uses_openmp(threads):
-                redirect_parallel_launch(library)
+                redirect_parallel_launch(library, threads.cache_dir)
         vm = relax.VirtualMachine(module, tvm.cpu())
     except Exception as exc:
         raise ArtifactError(f"{library} could not be loaded: {type(exc).__name__}: {exc}") from None

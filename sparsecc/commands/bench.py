@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file
 
     from sparsecc.artifact import load
-    from sparsecc.timing import interleaved, timing_table
+    from sparsecc.measure.clock import interleaved, timing_table
     from sparsecc.tolerances import assert_outputs_close
 
     artifact = Path(args.artifact)

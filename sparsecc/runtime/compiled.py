@@ -97,7 +97,7 @@ class CompiledGraph:
 
     @property
     def states(self) -> list[Any]:
-        """PipelineState of each live compiled variant: by weight set, least recently used first, then by age."""
+        """PipelineResult of each live compiled variant: by weight set, least recently used first, then by age."""
         return [state for weights in self._weight_sets.values() for state in weights.states]
 
     @property
@@ -174,10 +174,11 @@ class CompiledGraph:
                           "(options={'on_failure': 'raise'} raises instead).", SparseccFallbackWarning,
                           stacklevel=3)
             return lambda a: self.gm(*a)
-        weights.states.append(state)
         if state.vm is None and state.completed[-1] == "build":
-            state.dense_backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
+            backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
+            weights.states.append(dataclasses.replace(state, dense_backend=backend))
             return run
+        weights.states.append(state)
         return state.run
 
     def _on_weight_change(self, weights: _WeightSet, snapshot: tuple) -> None:

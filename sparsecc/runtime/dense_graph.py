@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
-import time
 from typing import Any, Callable, Sequence
 
 from torch import fx
+
+from sparsecc.measure.clock import median_seconds
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +21,7 @@ WARMUP, RUNS = 2, 5
 
 
 def _median_ms(fn: Callable[[], Any]) -> float:
-    for _ in range(WARMUP):
-        fn()
-    samples = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return median_seconds(fn, RUNS, WARMUP) * 1e3
 
 
 def fastest_dense(source: fx.GraphModule, args: Sequence[Any], eager: Callable[[Sequence[Any]], Any],

@@ -1,8 +1,8 @@
 """Predicted time of one layer, y = x @ W^T with W (n out x k in) applied to `tokens` rows, in each candidate format:
-dense in PyTorch, or sparsecc's BSR kernel (codegen/kernels/bsr.py) with r x c blocks (CSR = 1 x 1).
+dense in PyTorch, or sparsecc's BSR kernel (codegen/kernels/cpu/bsr.py) with r x c blocks (CSR = 1 x 1).
 
 The model follows what the machine does with each, and its coefficients come from a short micro-benchmark of this
-machine (sparsecc/calibration.py), stored per target in the cache:
+machine (sparsecc/planning/calibration.py), stored per target in the cache:
 
 - Dense (PyTorch's GEMM): a call overhead plus the larger of streaming the weight at the bandwidth measured for a
   working set of its size (caches included), and the multiply-adds at the rate PyTorch reached at that token count
@@ -27,7 +27,7 @@ import json
 import math
 from typing import Mapping, Sequence
 
-from sparsecc.codegen.kernels.bsr import default_knobs, elem_bytes
+from sparsecc.kernel_work import default_knobs, elem_bytes
 
 # Version of the model's features: calibrations stored for another version are measured again.
 MODEL_VERSION = 4
@@ -181,7 +181,7 @@ def predict_sparse(machine: MachineModel, n: int, k: int, tokens: int, block: tu
     return shared + per_block + w.stream_seconds
 
 
-# Figures of the project's 2-core AMD Zen 5 (AVX-512) machine, from `python -m sparsecc.calibration`, used where no
+# Figures of the project's 2-core AMD Zen 5 (AVX-512) machine, from `python -m sparsecc.planning.calibration`, used where no
 # calibration can run: targets other than this host (cross builds). Plans made with them say so.
 REFERENCE = MachineModel(
     description="reference figures of a 2-core Zen 5 (not measured on the target)", calibrated=False, threads=2,

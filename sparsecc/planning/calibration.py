@@ -1,5 +1,5 @@
 """The cost model's micro-benchmark: measures this machine once per target and thread count, fits the machine model
-(sparsecc/cost_model.py) and stores it in the cache (`<cache dir>/machines/`), where later compiles find it.
+(sparsecc/planning/cost_model.py) and stores it in the cache (`<cache dir>/machines/`), where later compiles find it.
 
 What it measures (about 30 s on 2 cores; every figure the fastest of ROUNDS rounds):
 - read bandwidth for working sets from 256 KiB to 32 MiB (a PyTorch sum over a tensor of that size);
@@ -10,7 +10,7 @@ What it measures (about 30 s on 2 cores; every figure the fastest of ROUNDS roun
 The fit is a least-squares fit with non-negative coefficients of relative error, so small layers weigh as much as
 big ones.
 
-    python -m sparsecc.calibration            # calibrate again, store it in the cache and print it
+    python -m sparsecc.planning.calibration            # calibrate again, store it in the cache and print it
 """
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 import sparsecc
-from sparsecc.codegen.kernels.bsr import TEMPLATE_VERSION
-from sparsecc.cost_model import (BLOCK_TERMS, MODEL_VERSION, REFERENCE, SHARED_TERMS, BlockCoefficients,
+from sparsecc.cache import default_cache_dir
+from sparsecc.kernel_work import TEMPLATE_VERSION
+from sparsecc.planning.cost_model import (BLOCK_TERMS, MODEL_VERSION, REFERENCE, SHARED_TERMS, BlockCoefficients,
                                  MachineModel, block_key, predict_dense, predict_sparse, sparse_work)
+from sparsecc.measure.clock import Fastest
+from sparsecc.measure.dense import dense_linear_seconds, seconds_to_sum
 from sparsecc.progress import progress_bar
 from sparsecc.settings import Settings
 
@@ -46,7 +48,6 @@ LAYERS = ((512, 512, 1), (2048, 1024, 1), (512, 512, 8), (2048, 1024, 8), (512, 
 DENSITIES = (0.05, 0.3, 0.7)
 BANDWIDTH_SIZES = (1 << 18, 1 << 20, 1 << 22, 1 << 25)
 DENSE_TOKENS = (1, 4, 16, 64, 256)
-RUNS = 10
 ROUNDS = 2
 
 _memo: dict[str, MachineModel] = {}
@@ -60,12 +61,11 @@ def machine_key(target_text: str, threads: int) -> str:
 
 def machine_model(settings: Settings) -> MachineModel:
     """The calibrated model of the machine `settings` target, from memory, the cache, or a new calibration. Targets
-    that do not run here get the reference figures."""
-    from sparsecc.codegen.build import runs_here
-    from sparsecc.codegen.targets import parse_target, resolve_threads
+    that do not run here get the reference figures. `settings` resolved (`Settings.resolved`)."""
+    from sparsecc.codegen.targets import runs_here, target_of
 
-    threads = resolve_threads(settings.num_threads)
-    target = parse_target(settings.target, threads)
+    threads = settings.threads
+    target = target_of(settings)
     if not runs_here(target):
         return REFERENCE
     key = machine_key(str(target), threads)
@@ -83,8 +83,6 @@ def machine_model(settings: Settings) -> MachineModel:
 
 
 def _cache_path(cache_dir: str | None, key: str) -> Path:
-    from sparsecc.tuning_db import default_cache_dir
-
     return default_cache_dir(cache_dir) / "machines" / f"{key}.json"
 
 
@@ -111,32 +109,6 @@ def _write(path: Path, model: MachineModel) -> None:
 
 # ------------------------------------------------------------------------------------------------ measurement
 
-def _median_seconds(fn: Callable[[], object], runs: int = RUNS) -> float:
-    fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def measure_dense(n: int, k: int, tokens: int, dtype: torch.dtype = torch.float32, runs: int = RUNS) -> float:
-    """Seconds for F.linear(x, W, b) in PyTorch."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, k, generator=g, dtype=dtype)
-    w = torch.randn(n, k, generator=g, dtype=dtype)
-    b = torch.randn(n, generator=g, dtype=dtype)
-    with torch.no_grad():
-        return _median_seconds(lambda: torch.nn.functional.linear(x, w, b), runs)
-
-
-def measure_seconds_to_sum(size: int) -> float:
-    """Seconds to read `size` bytes (a sum over them): the read bandwidth of a working set of that size."""
-    t = torch.ones(size // 4)
-    return _median_seconds(lambda: t.sum())
-
-
 def random_blocked(n: int, k: int, block: tuple[int, int], density: float, seed: int = 0) -> torch.Tensor:
     """An (n, k) weight where each r x c block is kept (fully non-zero) with probability `density`."""
     r, c = block
@@ -144,34 +116,6 @@ def random_blocked(n: int, k: int, block: tuple[int, int], density: float, seed:
     keep = torch.rand(n // r, k // c, generator=g) < density
     mask = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
     return torch.randn(n, k, generator=g) * mask
-
-
-class KernelTimer:
-    """Builds sparsecc's kernel for a layer shape once and times it on weights of that shape."""
-
-    def __init__(self, target, threads: int):
-        from sparsecc.codegen.tuning import local_runner
-
-        self.runner = local_runner(target, threads)
-        self._built: dict = {}
-
-    def seconds(self, weight: torch.Tensor, tokens: int, block: tuple[int, int],
-                activation: str = "none", ell: bool = False) -> tuple[float, int]:
-        """(seconds, stored blocks) of the kernel on `weight` (`ell`: packed with rows padded to one length),
-        checked against the eager reference."""
-        from sparsecc.codegen.tuning import KernelTask, spec_default
-
-        task = KernelTask.from_weight(weight, tokens, block, activation=activation, ell=ell)
-        if task.spec not in self._built:
-            self._built[task.spec] = self.runner.build(task.spec, spec_default(task.spec))
-        inputs = task.inputs()
-        us = self.runner.measure(task, inputs, task.reference(inputs), [self._built[task.spec]])[0]
-        if us is None:
-            raise RuntimeError(f"calibration: the {block_key(block)} kernel for {task.spec.name} failed")
-        return us * 1e-6, task.stored_blocks
-
-    def close(self) -> None:
-        self.runner.close()
 
 
 # --------------------------------------------------------------------------------------------------- fitting
@@ -229,28 +173,27 @@ def _lanes(target) -> int:
 
 
 def calibrate(target, threads: int, progress: bool = True) -> MachineModel:
+    from sparsecc.codegen.tuning.runners import KernelTimer
+
     start = time.perf_counter()
     steps = len(BANDWIDTH_SIZES) + len(DENSE_TOKENS) + 1 + len(BLOCKS) * len(LAYERS)
     update, close = progress_bar(ROUNDS * steps, "sparsecc calibrate", "step") if progress else (
         lambda n, s: None, lambda: None)
     # Every figure is the fastest of ROUNDS rounds: load from other processes only ever adds time, and it must not
     # tilt the comparison of dense and sparse figures measured seconds apart.
-    best: dict[tuple, float] = {}
-
-    def keep(key: tuple, seconds: float) -> None:
-        best[key] = min(seconds, best.get(key, float("inf")))
-
+    best = Fastest()
+    keep = best.keep
     timer = KernelTimer(target, threads)
     stored: dict[tuple, int] = {}
     try:
         for _ in range(ROUNDS):
             for size in BANDWIDTH_SIZES:
-                keep(("bandwidth", size), measure_seconds_to_sum(size))
+                keep(("bandwidth", size), seconds_to_sum(size))
                 update(1, "bandwidth")
-            keep(("overhead",), measure_dense(8, 8, 1))
+            keep(("overhead",), dense_linear_seconds(8, 8, 1))
             update(1, "dense")
             for tokens in DENSE_TOKENS:
-                keep(("dense", tokens), measure_dense(1024, 1024, tokens))
+                keep(("dense", tokens), dense_linear_seconds(1024, 1024, tokens))
                 update(1, "dense")
             for block in BLOCKS:
                 for n, k, tokens in LAYERS:

@@ -19,7 +19,8 @@ import math
 
 from tvm.script import tirx as T
 
-from sparsecc.codegen.kernels.bsr import STACK_LIMIT_BYTES, elem_bytes, horner, token_tiled_shape
+from sparsecc.codegen.kernels.cpu.bsr import horner
+from sparsecc.kernel_work import STACK_LIMIT_BYTES, elem_bytes, token_tiled_shape
 
 QUERY_TILE = 32
 KEY_BLOCK = 4

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from sparsecc.cache import default_cache_dir
+
 DB_FILE = "tuning.sqlite"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
@@ -51,18 +53,6 @@ CREATE TABLE IF NOT EXISTS tuning (
     created REAL NOT NULL
 )
 """
-
-
-def default_cache_dir(option: str | os.PathLike | None = None) -> Path:
-    """The cache directory: the option, else $SPARSECC_CACHE_DIR, else $XDG_CACHE_HOME/sparsecc, else
-    ~/.cache/sparsecc."""
-    if option is not None:
-        return Path(option).expanduser()
-    env = os.environ.get("SPARSECC_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "sparsecc"
 
 
 def _canonical(value: Any) -> str:

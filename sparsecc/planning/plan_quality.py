@@ -9,12 +9,13 @@ from typing import Iterable
 
 import torch
 
-from sparsecc.calibration import KernelTimer, random_blocked
-from sparsecc.candidate_timing import CandidateTimer, candidate_seconds
-from sparsecc.cost_model import MachineModel
 from sparsecc.formats import WeightSparsity, WeightUse
+from sparsecc.measure.clock import Fastest
 from sparsecc.passes.analyze_weights import describe_weight
 from sparsecc.passes.plan_formats import choose_format
+from sparsecc.planning.calibration import random_blocked
+from sparsecc.planning.candidate_timing import CandidateTimer, candidate_seconds
+from sparsecc.planning.cost_model import MachineModel
 from sparsecc.settings import Settings
 
 PATTERNS = ("random", "skewed", "1x4", "4x1", "8x1", "16x1", "4x4", "8x8")
@@ -76,6 +77,8 @@ def judge(layers: Iterable[Layer], machine: MachineModel, target, threads: int, 
           cost_model: str = "calibrated") -> list[Verdict]:
     """Plan each layer with `cost_model` ("calibrated" or "measured"), then measure dense and every sparse candidate
     the planner priced, `rounds` times each, apart from any timing the planner did."""
+    from sparsecc.codegen.tuning.runners import KernelTimer
+
     # The planner's kernels are built once and shared with the judge; its timings are not.
     timer = KernelTimer(target, threads)
     with tempfile.TemporaryDirectory(prefix="sparsecc-plan-quality-") as cache:
@@ -88,11 +91,9 @@ def judge(layers: Iterable[Layer], machine: MachineModel, target, threads: int, 
                 measure = None if planner is None else (
                     lambda names, w=weight, t=layer.tokens: planner.seconds(w, [t], names))
                 choice = choose_format(weight_sparsity(weight, layer.tokens, threads), settings, machine, measure)
-                measured: dict[str, float] = {}
-                for _ in range(rounds):
-                    for name in choice.predictions:
-                        seconds = candidate_seconds(timer, weight, layer.tokens, name)
-                        measured[name] = min(seconds, measured.get(name, float("inf")))
+                measured = dict(Fastest().rounds(
+                    {name: (lambda name=name: candidate_seconds(timer, weight, layer.tokens, name))
+                     for name in choice.predictions}, rounds))
                 predicted = {k: v * 1e-6 for k, v in choice.predictions.items()}
                 verdicts.append(Verdict(layer, choice.candidate, measured, predicted))
         finally:

@@ -4,7 +4,7 @@ cannot tell apart are timed on the weight itself, here, before anything else is 
 Why: the model's error (median 26 %, worst cases 3x, docs/benchmarks.md "Plan quality") is larger than the gaps
 between candidates that decide the choice, and on this kind of machine PyTorch's dense GEMM loses to a fully stored
 block kernel on some shapes, a case the model gets wrong. Timing a few kernels costs a second or two per layer
-shape; the results go into the tuning database (sparsecc/tuning_db.py) under the candidate's name, the token count
+shape; the results go into the tuning database (sparsecc/planning/tuning_db.py) under the candidate's name, the token count
 and the work the weight gives that candidate (`work_signature`), so a second compile of the same model times nothing.
 
 Why the work and not the exact pattern: a kernel's time follows how many blocks it stores and how evenly its
@@ -14,26 +14,27 @@ per layer kind. Weights whose stored blocks differ by less than WORK_STEP and wh
 BALANCE_STEP share a timing.
 
 Which candidates: dense always (so the choice is never slower than dense by more than the noise), plus the sparse
-candidates predicted within FINALIST_RATIO of the best predicted one, at most MAX_FINALISTS of them, best first.
+candidates the model cannot tell apart from the best (sparsecc/planning/pricing.finalists).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
 import sparsecc
 from sparsecc.formats import ELL_CANDIDATE, candidate_block
+from sparsecc.measure.clock import Fastest
+from sparsecc.measure.dense import dense_linear_seconds
+from sparsecc.kernel_work import TEMPLATE_VERSION
+from sparsecc.planning.tuning_db import TuningDatabase, TuningKey, TuningRecord
 from sparsecc.settings import Settings
-from sparsecc.tuning_db import TuningDatabase, TuningKey, TuningRecord
 
 log = logging.getLogger(__name__)
 
-FINALIST_RATIO = 2.0
-MAX_FINALISTS = 3
 # Timings per candidate; the fastest counts. Kernels under SHORT_SECONDS get SHORT_ROUNDS: at tens of microseconds
 # a timing's jitter is a larger share, and more rounds cost little.
 ROUNDS = 2
@@ -46,22 +47,11 @@ WORK_STEP = 1.02
 BALANCE_STEP = 0.05
 
 
-def finalists(predicted: Mapping[str, float]) -> list[str]:
-    """Candidates to time, from predicted seconds per candidate ("dense", "csr", "bsr8x1", ...)."""
-    sparse = sorted((t, name) for name, t in predicted.items() if name != "dense")
-    if not sparse:
-        return ["dense"]
-    best = sparse[0][0]
-    return ["dense"] + [name for t, name in sparse[:MAX_FINALISTS] if t <= best * FINALIST_RATIO]
-
-
 def candidate_seconds(kernels, matrix: torch.Tensor, tokens: int, name: str) -> float:
     """One timing of candidate `name` for `matrix` (out, in) at `tokens` rows: PyTorch's F.linear for "dense", else
-    sparsecc's kernel through `kernels` (a calibration.KernelTimer; unused for dense)."""
-    from sparsecc.calibration import measure_dense
-
+    sparsecc's kernel through `kernels` (a codegen.tuning.KernelTimer; unused for dense)."""
     if name == "dense":
-        return measure_dense(matrix.shape[0], matrix.shape[1], tokens, matrix.dtype)
+        return dense_linear_seconds(matrix.shape[0], matrix.shape[1], tokens, matrix.dtype)
     return kernels.seconds(matrix, tokens, candidate_block(name), ell=name == ELL_CANDIDATE)[0]
 
 
@@ -82,12 +72,10 @@ def work_signature(matrix: torch.Tensor, name: str, threads: int) -> str:
 
 class CandidateTimer:
     """Times candidates for weights of one compile on its target, with the tuning database as a cache. `kernels`: a
-    calibration.KernelTimer to build and time kernels with (its built kernels shared with the caller, who closes
+    codegen.tuning.KernelTimer to build and time kernels with (its built kernels shared with the caller, who closes
     it); by default one of its own, made when first needed."""
 
     def __init__(self, settings: Settings, target, threads: int, kernels=None):
-        from sparsecc.codegen.kernels.bsr import TEMPLATE_VERSION
-
         self.target = target
         self.threads = threads
         self.template_version = TEMPLATE_VERSION
@@ -115,11 +103,10 @@ class CandidateTimer:
         jobs = [job for job in keys if job not in known]
         # Rounds over all candidates, keeping each one's fastest: the load of a shared machine drifts over seconds,
         # and interleaving keeps it from favouring whichever candidate was timed in a quiet moment.
-        timed = {job: self._measure(matrix, job[1], job[0]) for job in jobs}
+        timers = {job: (lambda job=job: self._measure(matrix, job[1], job[0])) for job in jobs}
+        timed = Fastest().rounds(timers, 1)
         rounds = SHORT_ROUNDS if jobs and max(timed.values()) < SHORT_SECONDS else ROUNDS
-        for _ in range(rounds - 1):
-            for job in jobs:
-                timed[job] = min(timed[job], self._measure(matrix, job[1], job[0]))
+        timed.rounds(timers, rounds - 1)
         for job, seconds in timed.items():
             self._put(TuningRecord(keys[job], {}, seconds * 1e6, seconds * 1e6, rounds, True, "local"))
         self.timed += len(timed)
@@ -135,7 +122,7 @@ class CandidateTimer:
                          self.template_version, TuningKey.spec_json(spec), work)
 
     def _measure(self, matrix: torch.Tensor, tokens: int, name: str) -> float:
-        from sparsecc.calibration import KernelTimer
+        from sparsecc.codegen.tuning.runners import KernelTimer
 
         if name != "dense" and self._timer is None:
             self._timer = KernelTimer(self.target, self.threads)

@@ -4,7 +4,7 @@ only blocks holding a non-zero stored). CSR is the 1 x 1 case of the same kernel
 Layout, and why:
 - x is transposed once into token tiles, (tiles, K, 32): each weight value multiplies a contiguous run of 32
   tokens, which is broadcast + vector FMA. A gather along K in row-major x would be scalar. The transpose, and the
-  one back into a row-major y, run as register transposes (codegen/kernels/transpose.py) on whole blocks.
+  one back into a row-major y, run as register transposes (codegen/kernels/cpu/transpose.py) on whole blocks.
 - Each loaded run of x^T is reused by the r rows of a block; block loops are unrolled so the accumulators
   have constant indices and stay in registers (unrolling halved the time at 768x768).
 - Tasks own runs of consecutive block-rows holding equal work (stored blocks plus a per-row cost, found by a
@@ -26,44 +26,19 @@ Token count, sizes, block shape, epilogue and dtype are baked in; the number of 
 layers of one shape share one kernel.
 
 Knobs (`KernelKnobs`): token tile, output rows per task, loop order and accumulator chains. `default_knobs` holds
-the heuristics above; codegen/tuning.py searches the others per kernel and weight pattern.
+the heuristics above; codegen/tuning/ searches the others per kernel and weight pattern.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import torch
 from tvm import tirx
 from tvm.script import tirx as T
 
-from sparsecc.codegen.kernels.transpose import emit_transpose, is_power_of_two, load, ramp, store, vector_lanes
-
-# Bump when the generated code changes for the same knobs: tuning results stored for an older template are
-# then ignored (the tuning database keys on it).
-TEMPLATE = "bsr_linear"
-TEMPLATE_VERSION = 10
-
-# Tokens per inner tile. Measured at BERT shapes on AVX-512: 32 beat 16, 64 and 128 for 1-row blocks.
-TOKEN_TILE = 32
-# TVM puts a CPU allocation on the stack only below this size (runtime::kMaxStackAlloca); above it the
-# accumulators come from the workspace allocator and LLVM stores them after every FMA. Tall blocks take
-# shorter token tiles to stay below it.
-STACK_LIMIT_BYTES = 1024
-# Output rows a task writes back together: 8 fp32 values make a 32-byte run per token.
-ROWS_PER_TASK = 8
-# A row's fixed cost (accumulator set-up, reduction, epilogue, write-back) in units of one stored value's
-# multiply-adds: about 30 cycles per row and token tile against 2.5 per value at 3072x768, 128 tokens.
-ROW_WORK = 12
-# At most this many tasks per kernel: enough for work-balanced spans to even out, few enough that each task's
-# binary search costs nothing (one task per 8 rows cost 3-6 % at BERT shapes). 48 divides evenly among 1, 2, 3, 4,
-# 6, 8, 12, 16, 24 and 48 threads, as TVM hands each thread ceil(tasks / threads) consecutive tasks.
-MAX_TASKS = 48
-# Columns of x transposed together: 16 fp32 values fill one 64-byte cache line.
-TRANSPOSE_STRIP = 16
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
-
+from sparsecc.codegen.kernels.cpu.transpose import emit_transpose, is_power_of_two, load, ramp, store, vector_lanes
+from sparsecc.kernel_work import (ACTIVATIONS, ROW_WORK, TRANSPOSE_STRIP, KernelKnobs, default_knobs, task_count,
+                                 token_tiled_shape)
 
 # erf for fp32 epilogues, in operations that vectorise: LLVM turns T.erf into one libm call per value (a 3072 x 768
 # layer at 128 tokens, CSR 10 %: 7.6-8.1 ms with GELU, 0.6-1.0 ms without). erf(x) = x P(x^2) / Q(x^2) with x
@@ -92,125 +67,47 @@ def erf_expr(v, dtype: str):
     return x * horner(s, ERF_P, dtype) / horner(s, ERF_Q, dtype)
 
 
-def prefers_token_outer(k: int) -> bool:
-    """Token-outer pays once x^T no longer fits L2 (K = 3072 at 128 tokens: 1.5 MB); measured 5 % there,
-    and 10-30 % slower at K = 768."""
-    return k >= 2048
-
-
 @dataclasses.dataclass(frozen=True)
-class KernelKnobs:
-    """The template's free parameters. Every combination computes the same result; only speed differs.
+class _Geometry:
+    """What one kernel bakes in, worked out once from `bsr_linear_kernel`'s arguments. The macro factories below
+    copy the fields they use into plain locals: TVMScript looks a macro's names up in its closure when it parses it,
+    and decides conditions on Python values (`if residual:`) right then."""
 
-    token_tile: tokens per vector run (a power of two; clipped to the token count). The accumulators,
-        chains * r * token_tile values, must stay below STACK_LIMIT_BYTES (see `fits`).
-    rows_per_task: output rows a task computes and writes back together (whole block-rows, at least one); also
-        sets the number of tasks, n / rows_per_task up to MAX_TASKS, each owning an equal share of the work.
-    token_outer: token tiles outside the parallel loop (all threads share one slice of x^T) or inside it.
-    chains: independent accumulator sets the non-zeros of a row are spread over (hides FMA latency).
-    token_split: threads split the token tiles instead of the rows: each owns whole tiles, transposes only those,
-        and runs every row over them (token_outer and the row tasks then do nothing). Even only when the tiles
-        divide among the threads.
-    """
-
-    token_tile: int
-    rows_per_task: int
+    m: int
+    n: int
+    k: int
+    r: int
+    c: int
+    dtype: str
+    activation: str
+    residual: bool
+    x_tiled: bool
+    y_tiled: bool
+    residual_tiled: bool
+    row_blocks: int | None
     token_outer: bool
     chains: int
-    token_split: bool = False
-
-    def fits(self, block: tuple[int, int], dtype: str) -> bool:
-        """Whether the accumulators stay on the stack (else LLVM stores them after every FMA)."""
-        return self.chains * block[0] * self.token_tile * elem_bytes(dtype) < STACK_LIMIT_BYTES
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def elem_bytes(dtype: str) -> int:
-    return 8 if dtype == "float64" else 4
-
-
-def default_knobs(m: int, n: int, k: int, block: tuple[int, int], dtype: str,
-                  threads: int | None = None) -> KernelKnobs:
-    """The untuned heuristics: 32-token tiles halved until the accumulators fit the stack, 8 output rows a task,
-    token-outer from K = 2048, 4 / r accumulator chains; threads split the token tiles where `threads` (those
-    the kernel will run on) divide them evenly. Measured at 128 tokens on 2 threads, 90 % CSR: 768 x 768 17 %
-    faster with row-major x and y (8 % with tiled ones), 768 x 3072 23 % (benchmarks/loop_orders.py)."""
-    knobs = KernelKnobs(token_tile=TOKEN_TILE, rows_per_task=ROWS_PER_TASK, token_outer=prefers_token_outer(k),
-                        chains=max(1, 4 // block[0]))
-    while knobs.token_tile > 1 and not knobs.fits(block, dtype):
-        knobs = dataclasses.replace(knobs, token_tile=knobs.token_tile // 2)
-    tiles = -(-m // min(knobs.token_tile, m))
-    if threads is not None and tiles % threads == 0:
-        knobs = dataclasses.replace(knobs, token_outer=False, token_split=True)
-    return knobs
+    tile: int
+    m_outer: int
+    block_rows: int
+    group: int
+    tasks: int
+    search_steps: int
+    rows: int
+    k_strips: int
+    lanes: int
+    token_lanes: int
+    rows_out: int
+    transpose_in: bool
+    transpose_out: bool
+    x_shape: tuple
+    y_shape: tuple
+    res_shape: tuple
 
 
-def task_count(n: int, block: tuple[int, int], rows_per_task: int) -> int:
-    """Parallel tasks of the kernel for an n-row weight: one per `rows_per_task` rows, at most MAX_TASKS."""
-    block_rows = n // block[0]
-    group = max(1, rows_per_task // block[0])
-    return min((block_rows + group - 1) // group, MAX_TASKS)
-
-
-def work_prefix(blocks_per_row: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """The kernel's work before each block-row, and the total (rows + 1 values): stored values plus ROW_WORK per row,
-    as the kernel's own `work` computes it from indptr."""
-    r, c = block
-    rows = torch.arange(len(blocks_per_row) + 1, dtype=torch.int64)
-    stored = torch.nn.functional.pad(blocks_per_row.to(torch.int64).cumsum(0), (1, 0))
-    return stored * (r * c) + rows * (r * ROW_WORK)
-
-
-def task_spans(prefix: torch.Tensor, tasks: int) -> torch.Tensor:
-    """The block-row where each task starts, and the end (tasks + 1 values), as the kernel finds them: task t starts
-    at the first block-row whose `work_prefix` reaches t / tasks of the total."""
-    targets = prefix[-1] * torch.arange(tasks + 1, dtype=torch.int64)
-    return torch.searchsorted(prefix * tasks, targets, side="left")
-
-
-def token_tiled_shape(m: int, width: int, tile: int) -> tuple[int, int, int]:
-    """The kernel's own layout of an (m, width) activation: (token tiles, width, tile), tokens past m zero-padded
-    on input. A kernel that feeds another sparse kernel can write its output this way, and the next one then
-    skips its transpose (the writer stores whole vectors instead of one value per token)."""
-    return ((m + tile - 1) // tile, width, tile)
-
-
-def to_token_tiles(x: torch.Tensor, tile: int, fill: float = 0.0) -> torch.Tensor:
-    """x, read as a (tokens, last dimension) matrix, in `token_tiled_shape`; tokens past the last filled with `fill`.
-    The kernels never convert (they read and write the layout themselves); tests and benchmarks do."""
-    flat = x.reshape(-1, x.shape[-1])
-    tiles, width, _ = token_tiled_shape(flat.shape[0], flat.shape[1], tile)
-    padded = torch.full((tiles * tile, width), fill, dtype=x.dtype)
-    padded[:flat.shape[0]] = flat
-    return padded.reshape(tiles, tile, width).transpose(1, 2).contiguous()
-
-
-def from_token_tiles(tiled: torch.Tensor, shape) -> torch.Tensor:
-    """The inverse of `to_token_tiles` for a tensor of `shape`."""
-    tiles, width, tile = tiled.shape
-    tokens = math.prod(shape) // width
-    return tiled.transpose(1, 2).reshape(tiles * tile, width)[:tokens].reshape(shape)
-
-
-def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",
-                      residual: bool = False, index_dtype: str = "int32", column_dtype: str = "int32", *,
-                      knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False,
-                      residual_tiled: bool = False, row_blocks: int | None = None):
-    """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], res, y[m, n])`.
-    `res` is (m, n) when `residual`, else an unused (1, 1) buffer. Needs n % r == 0 and k % c == 0 (the planner
-    only picks block shapes that divide the weight). `knobs` defaults to `default_knobs(m, n, k, block, dtype)`.
-    `x_tiled` / `y_tiled` / `residual_tiled`: x / y / res come in / go out in `token_tiled_shape` with the knobs'
-    token tile (clipped to m) instead of (m, k) / (m, n) / (m, n); a tiled x needs no transpose.
-    `row_blocks`: every block-row stores exactly this many blocks (ELL rows, `uniform_row_blocks`): the kernel then
-    never reads indptr, and each row's loop has a constant trip count that LLVM unrolls."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
-    if knobs is None:
-        knobs = default_knobs(m, n, k, block, dtype)
-    if knobs.token_tile < 1 or knobs.rows_per_task < 1 or knobs.chains < 1:
-        raise ValueError(f"knobs must be positive: {knobs}")
+def _geometry(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str, residual: bool,
+              knobs: KernelKnobs, x_tiled: bool, y_tiled: bool, residual_tiled: bool,
+              row_blocks: int | None) -> _Geometry:
     token_outer = knobs.token_outer
     r, c = block
     # `chains`: independent accumulator sets. An FMA waits ~4 cycles for the previous one into the same
@@ -226,7 +123,7 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     res_shape = (token_tiled_shape(m, n, tile) if residual_tiled else (m, n)) if residual else (1, 1)
     k_strips = (k + TRANSPOSE_STRIP - 1) // TRANSPOSE_STRIP
     x_shape = token_tiled_shape(m, k, tile) if x_tiled else (m, k)
-    # Register transposes (codegen/kernels/transpose.py) move whole blocks: `lanes` columns of x per vector in,
+    # Register transposes (codegen/kernels/cpu/transpose.py) move whole blocks: `lanes` columns of x per vector in,
     # `token_lanes` tokens of `rows_out` output rows out. Partial tiles, strips and groups keep the scalar loops.
     lanes = vector_lanes(dtype)
     token_lanes = min(tile, lanes)
@@ -236,9 +133,18 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
     transpose_out = (not y_tiled and is_power_of_two(token_lanes) and token_lanes > 1 and tile % token_lanes == 0
                      and is_power_of_two(rows_out) and rows_out > 1 and rows % rows_out == 0)
     y_shape = token_tiled_shape(m, n, tile) if y_tiled else (m, n)
+    return _Geometry(m=m, n=n, k=k, r=r, c=c, dtype=dtype, activation=activation, residual=residual,
+                     x_tiled=x_tiled, y_tiled=y_tiled, residual_tiled=residual_tiled, row_blocks=row_blocks,
+                     token_outer=token_outer, chains=chains, tile=tile, m_outer=m_outer, block_rows=block_rows,
+                     group=group, tasks=tasks, search_steps=search_steps, rows=rows, k_strips=k_strips, lanes=lanes,
+                     token_lanes=token_lanes, rows_out=rows_out, transpose_in=transpose_in,
+                     transpose_out=transpose_out, x_shape=x_shape, y_shape=y_shape, res_shape=res_shape)
 
-    if row_blocks is not None and row_blocks < 0:
-        raise ValueError(f"row_blocks must be >= 0, got {row_blocks}")
+
+def _indexing(geo: _Geometry):
+    """`start(P, b)`, `stored(P, b)`: block-row b's blocks in indices / values; `task_span`: a task's block-rows."""
+    r, c, row_blocks = geo.r, geo.c, geo.row_blocks
+    block_rows, tasks, search_steps = geo.block_rows, geo.tasks, geo.search_steps
 
     def start(P, b):
         # Where block-row b's blocks begin in indices / values.
@@ -265,6 +171,39 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                     else:
                         span[2] = (span[s] + span[2]) // 2
 
+    return start, stored, task_span
+
+
+def _activation(geo: _Geometry):
+    """`activate(acc, out, g)`: accumulator set 0, through the activation, into block-row g's rows of `out`."""
+    r, tile, dtype, activation = geo.r, geo.tile, geo.dtype, geo.activation
+
+    @T.macro
+    def activate(acc, out, g):
+        for i in T.unroll(r):
+            for t in T.vectorized(tile):
+                if activation == "relu":
+                    out[g * r + i, t] = T.max(acc[0, i, t], T.cast(0, dtype))
+                elif activation == "gelu":
+                    out[g * r + i, t] = acc[0, i, t] * T.cast(0.5, dtype) * (
+                        T.cast(1, dtype) + erf_expr(acc[0, i, t] * T.cast(0.7071067811865476, dtype), dtype))
+                elif activation == "gelu_tanh":
+                    out[g * r + i, t] = acc[0, i, t] * T.cast(0.5, dtype) * (
+                        T.cast(1, dtype) + T.tanh(T.cast(0.7978845608028654, dtype) * (
+                            acc[0, i, t] + T.cast(0.044715, dtype) * acc[0, i, t] * acc[0, i, t] * acc[0, i, t])))
+                else:
+                    out[g * r + i, t] = acc[0, i, t]
+
+    return activate
+
+
+def _write_back(geo: _Geometry):
+    """`write_rows(out, R, Y, mo, first, end)`: the rows of `out` that lie before block-row `end`, plus the
+    residual, into y (token tile mo, from block-row `first`), in y's layout."""
+    m, r, tile, rows, group = geo.m, geo.r, geo.tile, geo.rows, geo.group
+    residual, residual_tiled, y_tiled = geo.residual, geo.residual_tiled, geo.y_tiled
+    transpose_out, token_lanes, rows_out = geo.transpose_out, geo.token_lanes, geo.rows_out
+
     def residual_at(R, mo, t, row):
         # Padded tokens of a row-major residual read its last row: their outputs are never used.
         if residual_tiled:
@@ -286,16 +225,6 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
         emit_transpose([load(out, [o * rows_out + i, ramp(h * token_lanes, token_lanes)]) for i in range(rows_out)],
                        token_lanes, put)
 
-    def read_tokens(X, XT, mo, xmo, kb, h, part):
-        # x's tokens h * token_lanes .. of tile mo, columns of strip kb's part: into x^T, a run of tokens per column.
-        column = kb * TRANSPOSE_STRIP + part * lanes
-
-        def put(c, r0, vector, count):
-            store(XT, [xmo, column + c, ramp(h * token_lanes + r0, count)], vector)
-
-        emit_transpose([load(X, [mo * tile + h * token_lanes + i, ramp(column, lanes)]) for i in range(token_lanes)],
-                       lanes, put)
-
     @T.macro
     def write_back_scalar(out, R, Y, mo, first, end):
         for t in T.serial(tile):
@@ -307,49 +236,7 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                         Y[mo * tile + t, first * r + i] = out[i, t]
 
     @T.macro
-    def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, xmo, first, end):
-        # Block-rows first .. first + group - 1 that lie before `end`, for token tile mo (x^T's tile xmo).
-        # "global" scope: TVM keeps a CPU allocation on the stack only in that scope and under STACK_LIMIT_BYTES
-        # (an annotation asking for it did not reach the allocation in TVM 0.27).
-        out = T.alloc_local((rows, tile), dtype, scope="global")
-        acc = T.alloc_local((chains, r, tile), dtype, scope="global")
-        for g in T.serial(group):
-            if first + g < end:
-                for q in T.unroll(chains):
-                    for i in T.unroll(r):
-                        for t in T.vectorized(tile):
-                            acc[q, i, t] = T.if_then_else(q == 0, B[(first + g) * r + i], T.cast(0, dtype))
-                for e in T.serial(stored(P, first + g) // chains):
-                    for q in T.unroll(chains):
-                        for j in T.unroll(c):
-                            for i in T.unroll(r):
-                                for t in T.vectorized(tile):
-                                    acc[q, i, t] = acc[q, i, t] + V[start(P, first + g) + e * chains + q, i, j] * XT[
-                                        xmo, T.cast(J[start(P, first + g) + e * chains + q], "int32") * c + j, t]
-                for e in T.serial(stored(P, first + g) % chains):
-                    for j in T.unroll(c):
-                        for i in T.unroll(r):
-                            for t in T.vectorized(tile):
-                                acc[0, i, t] = acc[0, i, t] + V[start(P, first + g + 1) - stored(P, first + g) % chains + e, i, j] * XT[
-                                    xmo, T.cast(J[start(P, first + g + 1) - stored(P, first + g) % chains + e],
-                                          "int32") * c + j, t]
-                for q in T.unroll(chains - 1):
-                    for i in T.unroll(r):
-                        for t in T.vectorized(tile):
-                            acc[0, i, t] = acc[0, i, t] + acc[q + 1, i, t]
-                for i in T.unroll(r):
-                    for t in T.vectorized(tile):
-                        if activation == "relu":
-                            out[g * r + i, t] = T.max(acc[0, i, t], T.cast(0, dtype))
-                        elif activation == "gelu":
-                            out[g * r + i, t] = acc[0, i, t] * T.cast(0.5, dtype) * (
-                                T.cast(1, dtype) + erf_expr(acc[0, i, t] * T.cast(0.7071067811865476, dtype), dtype))
-                        elif activation == "gelu_tanh":
-                            out[g * r + i, t] = acc[0, i, t] * T.cast(0.5, dtype) * (
-                                T.cast(1, dtype) + T.tanh(T.cast(0.7978845608028654, dtype) * (
-                                    acc[0, i, t] + T.cast(0.044715, dtype) * acc[0, i, t] * acc[0, i, t] * acc[0, i, t])))
-                        else:
-                            out[g * r + i, t] = acc[0, i, t]
+    def write_rows(out, R, Y, mo, first, end):
         if y_tiled:
             # Token tiles past m hold values computed from x's zero padding; the next kernel's padded tokens are
             # never written back, so they need not be zero.
@@ -369,6 +256,73 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                 write_back_scalar(out, R, Y, mo, first, end)
         else:
             write_back_scalar(out, R, Y, mo, first, end)
+
+    return write_rows
+
+
+def _row_product(geo: _Geometry, start, stored, activate, write_rows):
+    """`rows_times_tile(X, P, J, V, B, R, Y, XT, mo, xmo, first, end)`: one group of block-rows times one token
+    tile of x^T, through the epilogue into y."""
+    r, c, tile, rows, group, chains, dtype = geo.r, geo.c, geo.tile, geo.rows, geo.group, geo.chains, geo.dtype
+
+    @T.macro
+    def accumulate(P, J, V, B, XT, xmo, first, g, acc):
+        # Block-row first + g times x^T's tile xmo, its non-zeros dealt round the `chains` accumulator sets, summed
+        # into set 0.
+        for q in T.unroll(chains):
+            for i in T.unroll(r):
+                for t in T.vectorized(tile):
+                    acc[q, i, t] = T.if_then_else(q == 0, B[(first + g) * r + i], T.cast(0, dtype))
+        for e in T.serial(stored(P, first + g) // chains):
+            for q in T.unroll(chains):
+                for j in T.unroll(c):
+                    for i in T.unroll(r):
+                        for t in T.vectorized(tile):
+                            acc[q, i, t] = acc[q, i, t] + V[start(P, first + g) + e * chains + q, i, j] * XT[
+                                xmo, T.cast(J[start(P, first + g) + e * chains + q], "int32") * c + j, t]
+        for e in T.serial(stored(P, first + g) % chains):
+            for j in T.unroll(c):
+                for i in T.unroll(r):
+                    for t in T.vectorized(tile):
+                        acc[0, i, t] = acc[0, i, t] + V[start(P, first + g + 1) - stored(P, first + g) % chains + e, i, j] * XT[
+                            xmo, T.cast(J[start(P, first + g + 1) - stored(P, first + g) % chains + e],
+                                  "int32") * c + j, t]
+        for q in T.unroll(chains - 1):
+            for i in T.unroll(r):
+                for t in T.vectorized(tile):
+                    acc[0, i, t] = acc[0, i, t] + acc[q + 1, i, t]
+
+    @T.macro
+    def rows_times_tile(X, P, J, V, B, R, Y, XT, mo, xmo, first, end):
+        # Block-rows first .. first + group - 1 that lie before `end`, for token tile mo (x^T's tile xmo).
+        # "global" scope: TVM keeps a CPU allocation on the stack only in that scope and under STACK_LIMIT_BYTES
+        # (an annotation asking for it did not reach the allocation in TVM 0.27).
+        out = T.alloc_local((rows, tile), dtype, scope="global")
+        acc = T.alloc_local((chains, r, tile), dtype, scope="global")
+        for g in T.serial(group):
+            if first + g < end:
+                accumulate(P, J, V, B, XT, xmo, first, g, acc)
+                activate(acc, out, g)
+        write_rows(out, R, Y, mo, first, end)
+
+    return rows_times_tile
+
+
+def _transposes(geo: _Geometry):
+    """`transpose_strip(X, XT, mo, xmo, kb)`: one token tile of one strip of x into x^T; `transpose(X, XT)`: all of
+    x, in one parallel loop."""
+    m, k, tile, dtype, m_outer, k_strips = geo.m, geo.k, geo.tile, geo.dtype, geo.m_outer, geo.k_strips
+    lanes, token_lanes, transpose_in = geo.lanes, geo.token_lanes, geo.transpose_in
+
+    def read_tokens(X, XT, mo, xmo, kb, h, part):
+        # x's tokens h * token_lanes .. of tile mo, columns of strip kb's part: into x^T, a run of tokens per column.
+        column = kb * TRANSPOSE_STRIP + part * lanes
+
+        def put(c, r0, vector, count):
+            store(XT, [xmo, column + c, ramp(h * token_lanes + r0, count)], vector)
+
+        emit_transpose([load(X, [mo * tile + h * token_lanes + i, ramp(column, lanes)]) for i in range(token_lanes)],
+                       lanes, put)
 
     @T.macro
     def transpose_scalar(X, XT, mo, xmo, kb):
@@ -398,6 +352,15 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
         for kb in T.parallel(k_strips):
             for mo in T.serial(m_outer):
                 transpose_strip(X, XT, mo, mo, kb)
+
+    return transpose_strip, transpose
+
+
+def _schedules(geo: _Geometry, task_span, rows_times_tile, transpose_strip):
+    """The loop orders over token tiles and row tasks: `by_token_tiles(X, P, J, V, B, R, Y)` (token split) and
+    `product(X, P, J, V, B, R, Y, XT)` (over an x^T already transposed)."""
+    k, tile, dtype, m_outer, k_strips, x_tiled = geo.k, geo.tile, geo.dtype, geo.m_outer, geo.k_strips, geo.x_tiled
+    block_rows, group, tasks, token_outer = geo.block_rows, geo.group, geo.tasks, geo.token_outer
 
     @T.macro
     def by_token_tiles(X, P, J, V, B, R, Y):
@@ -432,6 +395,38 @@ def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str
                 for part in T.serial((span[1] - span[0] + group - 1) // group):
                     for mo in T.serial(m_outer):
                         rows_times_tile(X, P, J, V, B, R, Y, XT, mo, mo, span[0] + part * group, span[1])
+
+    return by_token_tiles, product
+
+
+def bsr_linear_kernel(m: int, n: int, k: int, block: tuple[int, int], dtype: str, activation: str = "none",
+                      residual: bool = False, index_dtype: str = "int32", column_dtype: str = "int32", *,
+                      knobs: KernelKnobs | None = None, x_tiled: bool = False, y_tiled: bool = False,
+                      residual_tiled: bool = False, row_blocks: int | None = None):
+    """PrimFunc `(x[m, k], indptr[n/r + 1], indices[nb], values[nb, r, c], bias[n], res, y[m, n])`.
+    `res` is (m, n) when `residual`, else an unused (1, 1) buffer. Needs n % r == 0 and k % c == 0 (the planner
+    only picks block shapes that divide the weight). `knobs` defaults to `default_knobs(m, n, k, block, dtype)`.
+    `x_tiled` / `y_tiled` / `residual_tiled`: x / y / res come in / go out in `token_tiled_shape` with the knobs'
+    token tile (clipped to m) instead of (m, k) / (m, n) / (m, n); a tiled x needs no transpose.
+    `row_blocks`: every block-row stores exactly this many blocks (ELL rows, `uniform_row_blocks`): the kernel then
+    never reads indptr, and each row's loop has a constant trip count that LLVM unrolls."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
+    if knobs is None:
+        knobs = default_knobs(m, n, k, block, dtype)
+    if knobs.token_tile < 1 or knobs.rows_per_task < 1 or knobs.chains < 1:
+        raise ValueError(f"knobs must be positive: {knobs}")
+    geo = _geometry(m, n, k, block, dtype, activation, residual, knobs, x_tiled, y_tiled, residual_tiled, row_blocks)
+    if row_blocks is not None and row_blocks < 0:
+        raise ValueError(f"row_blocks must be >= 0, got {row_blocks}")
+
+    start, stored, task_span = _indexing(geo)
+    rows_times_tile = _row_product(geo, start, stored, _activation(geo), _write_back(geo))
+    transpose_strip, transpose = _transposes(geo)
+    by_token_tiles, product = _schedules(geo, task_span, rows_times_tile, transpose_strip)
+    r, c, tile, m_outer, block_rows, tasks, k_strips = (geo.r, geo.c, geo.tile, geo.m_outer, geo.block_rows,
+                                                        geo.tasks, geo.k_strips)
+    x_shape, y_shape, res_shape = geo.x_shape, geo.y_shape, geo.res_shape
 
     @T.prim_func(private=True)
     def kernel(x: T.handle, indptr: T.handle, indices: T.handle, values: T.handle, bias: T.handle, res: T.handle,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from sparsecc.codegen.kernels.bsr import TOKEN_TILE, token_tiled_shape
+from sparsecc.kernel_work import TOKEN_TILE, token_tiled_shape
 
 # 16 fp32 lanes: one AVX-512 register.
 LANES = 16
