@@ -45,8 +45,8 @@ def host_target(num_threads: int) -> tvm.target.Target:
 
 @functools.lru_cache(maxsize=32)
 def parse_target(spec: str, num_threads: int) -> tvm.target.Target:
-    """The `target` option -> a TVM target (parsed once per option and thread count). Raises ValueError with what
-    is accepted."""
+    """The `target` option -> a TVM target (parsed once per option and thread count). Raises OptionError saying what
+    is accepted, or what TVM rejected."""
     if spec == "host":
         return host_target(num_threads)
     fields = target_fields(spec)

@@ -139,8 +139,8 @@ def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], we
     library = path / manifest["library"]
     options = manifest.get("options", {})
     # The build machine's cache_dir means nothing here: the launcher goes to this machine's cache.
-    threads = Settings(num_threads=options.get("num_threads"), thread_pool=options.get("thread_pool", "auto")).resolved()
-    configure_threads(threads.threads)
+    settings = Settings(num_threads=options.get("num_threads"), thread_pool=options.get("thread_pool", "auto")).resolved()
+    configure_threads(settings.threads)
     try:
         if library.suffix == ".tar":
             # TVM links a .tar next to itself; the artifact may be read-only, so link a copy elsewhere.
@@ -149,8 +149,8 @@ def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], we
             module = tvm.runtime.load_module(str(work / library.name))
         else:
             module = tvm.runtime.load_module(str(library))
-            if uses_openmp(threads):
-                redirect_parallel_launch(library, threads.cache_dir)
+            if uses_openmp(settings):
+                redirect_parallel_launch(library, settings.cache_dir)
         vm = relax.VirtualMachine(module, tvm.cpu())
     except Exception as exc:
         raise ArtifactError(f"{library} could not be loaded: {type(exc).__name__}: {exc}") from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable, Hashable, Iterable, Mapping
+from typing import Callable, Hashable, Mapping
 
 
 def median_seconds(fn: Callable[[], object], runs: int, warmup: int = 1,
@@ -38,13 +38,11 @@ class Fastest(dict):
         self[key] = min(seconds, self.get(key, float("inf")))
         return self[key]
 
-    def rounds(self, timers: Mapping[Hashable, Callable[[], float]], rounds: int,
-               order: Iterable[Hashable] | None = None) -> "Fastest":
+    def rounds(self, timers: Mapping[Hashable, Callable[[], float]], rounds: int) -> "Fastest":
         """`rounds` rounds over `timers` (each returns one timing), interleaved, keeping each key's fastest."""
-        keys = list(order if order is not None else timers)
         for _ in range(rounds):
-            for key in keys:
-                self.keep(key, timers[key]())
+            for key, timer in timers.items():
+                self.keep(key, timer())
         return self
 
 

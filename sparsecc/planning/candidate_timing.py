@@ -27,9 +27,9 @@ import torch
 
 import sparsecc
 from sparsecc.formats import ELL_CANDIDATE, candidate_block
+from sparsecc.kernel_work import TEMPLATE_VERSION
 from sparsecc.measure.clock import Fastest
 from sparsecc.measure.dense import dense_linear_seconds
-from sparsecc.kernel_work import TEMPLATE_VERSION
 from sparsecc.planning.tuning_db import TuningDatabase, TuningKey, TuningRecord
 from sparsecc.settings import Settings
 
