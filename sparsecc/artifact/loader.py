@@ -139,7 +139,8 @@ def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], we
     library = path / manifest["library"]
     options = manifest.get("options", {})
     # The build machine's cache_dir means nothing here: the launcher goes to this machine's cache.
-    settings = Settings(num_threads=options.get("num_threads"), thread_pool=options.get("thread_pool", "auto")).resolved()
+    settings = Settings(num_threads=options.get("num_threads"),
+                        thread_pool=options.get("thread_pool", "auto")).resolved()
     configure_threads(settings.threads)
     try:
         if library.suffix == ".tar":
