@@ -35,6 +35,7 @@ class CapturedGraph:
     input_positions: tuple[int, ...]  # positions of the dynamo inputs that stay runtime inputs
     weight_positions: tuple[int, ...]  # positions bound as constants
     weight_names: dict[int, str]  # position -> the user's name of that weight
+    writes_inputs: bool = False  # an op writes into a runtime input: a failed call may have half-updated it
 
 
 def is_weight(value: Any) -> bool:
@@ -88,15 +89,19 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Setting
             full[i] = v
         return gm(*full)
 
+    # Functionalized: an in-place op on an intermediate (T5's `relative_buckets += ...`) becomes out of place.
+    # Left in place, folding would turn that intermediate into a constant the op then writes to on every call.
     with torch.no_grad():
-        traced = make_fx(run, tracing_mode="real")(*[example_inputs[i] for i in input_pos])
+        traced = make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="real")(
+            *[example_inputs[i] for i in input_pos])
 
     _name_constants(traced, constants, names, example_inputs)
-    _reject_weight_mutation(traced)
     fold_constants(traced, settings)
+    _reject_weight_mutation(traced)  # after folding, so that it covers the constants folding made too
     traced.graph.lint()
     log.debug("capture: %d nodes, %d weights bound as constants", len(traced.graph.nodes), len(weight_pos))
-    return CapturedGraph(traced, input_pos, weight_pos, names)
+    writes = any(node.op == "placeholder" for _, node in _written(traced))
+    return CapturedGraph(traced, input_pos, weight_pos, names, writes)
 
 
 def _name_constants(gm: fx.GraphModule, constants: dict[int, torch.Tensor], names: dict[int, str],
@@ -122,7 +127,9 @@ def _name_constants(gm: fx.GraphModule, constants: dict[int, torch.Tensor], name
     drop_unused_constants(gm)
 
 
-def _reject_weight_mutation(gm: fx.GraphModule) -> None:
+def _written(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """(op node, the node it writes into) for every argument a mutable op writes."""
+    pairs = []
     for node in gm.graph.nodes:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
@@ -130,9 +137,15 @@ def _reject_weight_mutation(gm: fx.GraphModule) -> None:
         if not target._schema.is_mutable:
             continue
         for arg, value in zip(target._schema.arguments, node.args):
-            written = arg.alias_info is not None and arg.alias_info.is_write
-            if written and isinstance(value, fx.Node) and value.op == "get_attr":
-                raise UnsupportedError(
-                    f"op {target} in node '{node.name}' writes to weight '{value.meta.get(ORIGIN, value.target)}'; "
-                    "sparsecc compiles inference graphs whose weights are read-only"
-                )
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
+                pairs.append((node, value))
+    return pairs
+
+
+def _reject_weight_mutation(gm: fx.GraphModule) -> None:
+    for node, value in _written(gm):
+        if value.op == "get_attr":
+            raise UnsupportedError(
+                f"op {node.target} in node '{node.name}' writes to weight '{value.meta.get(ORIGIN, value.target)}'; "
+                "sparsecc compiles inference graphs whose weights are read-only"
+            )

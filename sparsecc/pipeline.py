@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from sparsecc.capture import CapturedGraph, capture
@@ -121,9 +122,10 @@ def _rewrite(p: Planned, settings: Settings) -> Rewritten:
     # those there is no region for them to join.
     if sparse_ops:
         run_passes(gm, settings, (("fuse_attention", fuse_attention), ("simplify_layer_norm", simplify_layer_norm)))
-    # Records every node's shape for the later stages, and shows the rewritten graph runs in eager PyTorch.
+    # Records every node's shape for the later stages. In a fake mode of its own, with static shapes: left to find
+    # one, ShapeProp takes dynamo's, whose shape environment then gets guards on symbols it never made.
     with torch.no_grad():
-        ShapeProp(gm).propagate(*p.inputs)
+        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*p.inputs)
     return _advance(p, Rewritten, sparse_ops=sparse_ops)
 
 
@@ -263,9 +265,14 @@ def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings
 
 
 def _verify(result: PipelineResult, example_inputs: Sequence[Any]) -> None:
+    # Each run on its own copy of the runtime inputs: a graph may write into them.
+    def inputs() -> list[Any]:
+        runtime = set(result.captured.input_positions)
+        return [a.clone() if i in runtime and isinstance(a, torch.Tensor) else a for i, a in enumerate(example_inputs)]
+
     with torch.no_grad():
-        expected = result.source(*example_inputs)
-        actual = result.run(example_inputs)
+        expected = result.source(*inputs())
+        actual = result.run(inputs())
     try:
         assert_outputs_close(actual, expected)
     except AssertionError as exc:

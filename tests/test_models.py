@@ -195,6 +195,47 @@ def test_gpt2_style_decoder_conv1d_weights(no_fallback):
     assert watch.sparse_ops == 2 * 4
 
 
+def test_t5_encoder_relative_position_buckets(no_fallback):
+    # T5 computes its position buckets from constants with an in-place add; folded without functionalizing, that
+    # add wrote into a folded constant on every call until the bucket ids ran past the embedding (IndexError).
+    from transformers import T5Config, T5EncoderModel
+
+    model = T5EncoderModel(T5Config(d_model=128, num_layers=2, num_heads=4, d_kv=32, d_ff=256, vocab_size=500))
+    prune_linears_(model, 0.8)
+    ids = torch.randint(0, 500, (2, 16))
+    actual, expected, watch, compiled = run_both(model, ids, min_weight_numel=1)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
+    with torch.no_grad():
+        again = compiled(ids)
+    torch.testing.assert_close(again.last_hidden_state, expected.last_hidden_state, **FP32)
+    assert watch.sparse_ops == 2 * 6  # q, k, v, o and the two feed-forward Linears of each block
+    assert watch.graphs[0].state.regions
+
+
+class ScalesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = prune_linears_(nn.Linear(32, 64), 0.9)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.fc(x)
+
+
+def test_graph_writing_its_input_writes_it_once(no_fallback):
+    # Compiling runs the graph several times (tracing, verifying, timing); none of that may reach the caller's input.
+    model = ScalesItsInput().eval()
+    compiled = compile_sparsecc(model, min_weight_numel=1)
+    x = torch.randn(4, 32)
+    eager_x, compiled_x = x.clone(), x.clone()
+    with torch.no_grad(), CompileWatch() as watch:
+        expected = model(eager_x)
+        actual = compiled(compiled_x)
+    torch.testing.assert_close(actual, expected, **FP32)
+    torch.testing.assert_close(compiled_x, eager_x)
+    assert watch.sparse_ops == 1 and watch.regions == 1
+
+
 def test_model_without_zeros_stays_dense_and_correct(no_fallback):
     model = OddMLP()
     x = torch.randn(4, 97)

@@ -67,6 +67,64 @@ def test_stage_error_names_node_and_op(monkeypatch):
     assert inner.stage == "lower" and inner.op == "sparsecc.sparse_linear.default" and inner.node
 
 
+class Embedded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.mlp = small_model()
+
+    def forward(self, ids):
+        return self.mlp(self.embed(ids))
+
+
+def compiled_then_broken(monkeypatch, **options):
+    """A compiled model whose compiled graph raises on every call after compiling, and a count of those calls."""
+    model = Embedded().eval()
+    compiled = compile_sparsecc(model, min_weight_numel=1, **options)
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad(), CompileWatch() as watch:
+        compiled(ids)
+    state = watch.graphs[0].state
+    assert state.regions
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(state.gm, "forward", broken)
+    return model, compiled, ids, watch, calls
+
+
+def test_failure_at_run_time_falls_back_once(monkeypatch):
+    model, compiled, ids, watch, calls = compiled_then_broken(monkeypatch)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = compiled(ids), compiled(ids)
+        expected = model(ids)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    ours = [w for w in caught if issubclass(w.category, sparsecc.SparseccFallbackWarning)]
+    assert len(ours) == 1 and "simulated kernel failure" in str(ours[0].message)
+    assert watch.fallbacks == 1 and len(calls) == 1  # the second call went straight to PyTorch
+
+
+def test_input_error_plain_pytorch_shares_is_raised_and_the_graph_kept(monkeypatch):
+    model, compiled, ids, watch, calls = compiled_then_broken(monkeypatch)
+    with torch.no_grad(), pytest.raises(IndexError):
+        model(ids + 50)  # plain PyTorch raises on an id past the table
+    with torch.no_grad(), pytest.raises(IndexError):
+        compiled(ids + 50)
+    assert watch.fallbacks == 0 and len(calls) == 1
+
+
+def test_failure_at_run_time_raises_when_asked(monkeypatch):
+    _, compiled, ids, watch, _ = compiled_then_broken(monkeypatch, on_failure="raise")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="simulated kernel failure"):
+        compiled(ids)
+    assert watch.fallbacks == 0
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_stop_after_each_stage_still_runs_correctly(stage):
     model = small_model()

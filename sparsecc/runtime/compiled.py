@@ -114,7 +114,7 @@ class CompiledGraph:
         sig = () if self._concrete else _signature(args, self._weight_set)
         variant = weights.variants.get(sig)
         if variant is None:
-            variant = weights.variants[sig] = self._compile(args, weights)
+            variant = weights.variants[sig] = self._compile(args, weights, sig)
         return variant
 
     def _weights_of(self, args: Sequence[Any]) -> _WeightSet:
@@ -157,13 +157,16 @@ class CompiledGraph:
         weights.variants.clear()
         weights.states.clear()
 
-    def _compile(self, args: Sequence[Any], weights: _WeightSet) -> Callable[[Sequence[Any]], Any]:
+    def _compile(self, args: Sequence[Any], weights: _WeightSet, sig: tuple) -> Callable[[Sequence[Any]], Any]:
         self.compiles += 1
         if torch.is_grad_enabled() and any(args[i].requires_grad for i in self._weight_pos):
             warnings.warn("sparsecc compiles for inference: outputs of this graph do not track gradients. "
                           "Run the model under torch.no_grad() or torch.inference_mode().", stacklevel=3)
         if self.compiles > 1:
             log.info("sparsecc: compiling graph %d again for new input shapes or weights", self.serial)
+        # Compiling runs the graph (tracing, verifying, timing): on copies, so that a graph which writes into its
+        # inputs writes into the caller's tensors once, at the call itself.
+        args = self._private_inputs(args)
         try:
             state = self._compile_variant(self.gm, args, self.settings)
         except SparseccError as exc:
@@ -174,12 +177,45 @@ class CompiledGraph:
                           "(options={'on_failure': 'raise'} raises instead).", SparseccFallbackWarning,
                           stacklevel=3)
             return lambda a: self.gm(*a)
+        run = state.run
         if state.vm is None and state.completed[-1] == "build":
             backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
-            weights.states.append(dataclasses.replace(state, dense_backend=backend))
-            return run
+            state = dataclasses.replace(state, dense_backend=backend)
         weights.states.append(state)
-        return state.run
+        if state.captured is not None and state.captured.writes_inputs:
+            return run  # a failed call may have written part of an input: running it again is not safe
+        return self._guarded(run, weights, sig)
+
+    def _private_inputs(self, args: Sequence[Any]) -> list[Any]:
+        return [a.clone() if isinstance(a, torch.Tensor) and i not in self._weight_set else a
+                for i, a in enumerate(args)]
+
+    def _guarded(self, run: Callable[[Sequence[Any]], Any], weights: _WeightSet,
+                 sig: tuple) -> Callable[[Sequence[Any]], Any]:
+        """`run`, falling back to the dynamo graph in plain PyTorch when it raises where PyTorch does not.
+
+        A failure PyTorch shares (an id past the embedding table) is the input's: PyTorch's error is raised and the
+        compiled variant kept. One only the compiled graph has is sparsecc's: the variant is replaced by plain
+        PyTorch for the rest of the process, with one warning."""
+
+        def guarded(args: Sequence[Any]) -> Any:
+            try:
+                return run(args)
+            except Exception as exc:
+                if self.settings.on_failure == "raise":
+                    raise
+                result = self.gm(*args)  # raises PyTorch's own error if the input is at fault
+                self.fallbacks += 1
+                log.debug("sparsecc: graph %d failed at run time", self.serial, exc_info=True)
+                warnings.warn(f"sparsecc: graph {self.serial} failed at run time where plain PyTorch does not "
+                              f"({type(exc).__name__}: {exc}); it runs in plain PyTorch from now on "
+                              "(options={'on_failure': 'raise'} raises instead).", SparseccFallbackWarning,
+                              stacklevel=4)
+                if weights.variants.get(sig) is guarded:
+                    weights.variants[sig] = lambda a: self.gm(*a)
+                return result
+
+        return guarded
 
     def _on_weight_change(self, weights: _WeightSet, snapshot: tuple) -> None:
         if self.settings.on_weight_change == "raise":
