@@ -292,3 +292,18 @@ def test_threads_split_token_tiles_only_when_they_divide_evenly():
     assert not default_knobs(128, 768, 768, (1, 1), "float32", threads=8).token_split  # a thread would idle
     assert not default_knobs(96, 768, 768, (1, 1), "float32", threads=2).token_split  # 3 tiles: 2 against 1
     assert not default_knobs(128, 768, 768, (1, 1), "float32").token_split  # threads unknown: rows
+
+
+@pytest.mark.parametrize("block", [(1, 1), (8, 8)])
+def test_macro_parser_lookup_builds_the_same_kernel_as_tvms(monkeypatch, block):
+    # codegen/script_macros.py replaces how TVMScript macros find their parser, for speed: what they build must not
+    # change.
+    from tvm.script.parser.core.parser import ScriptMacro
+
+    from sparsecc.codegen import script_macros
+
+    assert ScriptMacro._find_parser_def is script_macros._find_parser_def
+    args = (64, 256, 512, block, "float32", "gelu", True)
+    ours = bsr_linear_kernel(*args)
+    monkeypatch.setattr(ScriptMacro, "_find_parser_def", script_macros.TVM_FIND_PARSER_DEF)
+    tvm.ir.assert_structural_equal(ours, bsr_linear_kernel(*args))
