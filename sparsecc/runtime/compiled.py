@@ -176,7 +176,7 @@ class CompiledGraph:
             warnings.warn(f"{exc}. Running this graph in plain PyTorch instead "
                           "(options={'on_failure': 'raise'} raises instead).", SparseccFallbackWarning,
                           stacklevel=3)
-            return lambda a: self.gm(*a)
+            return self._in_pytorch
         run = state.run
         if state.vm is None and state.completed[-1] == "build":
             backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
@@ -185,6 +185,10 @@ class CompiledGraph:
         if state.captured is not None and state.captured.writes_inputs:
             return run  # a failed call may have written part of an input: running it again is not safe
         return self._guarded(run, weights, sig)
+
+    def _in_pytorch(self, args: Sequence[Any]) -> Any:
+        """The dynamo graph in plain PyTorch: what a variant that cannot compile, or failed at run time, runs."""
+        return self.gm(*args)
 
     def _private_inputs(self, args: Sequence[Any]) -> list[Any]:
         return [a.clone() if isinstance(a, torch.Tensor) and i not in self._weight_set else a
@@ -204,7 +208,7 @@ class CompiledGraph:
             except Exception as exc:
                 if self.settings.on_failure == "raise":
                     raise
-                result = self.gm(*args)  # raises PyTorch's own error if the input is at fault
+                result = self._in_pytorch(args)  # raises PyTorch's own error if the input is at fault
                 self.fallbacks += 1
                 log.debug("sparsecc: graph %d failed at run time", self.serial, exc_info=True)
                 warnings.warn(f"sparsecc: graph {self.serial} failed at run time where plain PyTorch does not "
@@ -212,7 +216,7 @@ class CompiledGraph:
                               "(options={'on_failure': 'raise'} raises instead).", SparseccFallbackWarning,
                               stacklevel=4)
                 if weights.variants.get(sig) is guarded:
-                    weights.variants[sig] = lambda a: self.gm(*a)
+                    weights.variants[sig] = self._in_pytorch
                 return result
 
         return guarded
