@@ -17,6 +17,7 @@ import logging
 import statistics
 
 import torch
+from kernel_alone import pair  # benchmarks/ is the script's folder, on sys.path
 
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.codegen.targets import host_target
@@ -26,11 +27,6 @@ from sparsecc.codegen.tuning.tasks import KernelTask
 from sparsecc.kernel_work import KernelKnobs, prefers_token_outer
 from sparsecc.measure.dense import dense_linear_seconds
 from sparsecc.planning.calibration import random_blocked
-
-
-def pair(text: str) -> tuple[int, int]:
-    a, b = text.split("x")
-    return int(a), int(b)
 
 
 def main() -> None:
