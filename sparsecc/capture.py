@@ -36,6 +36,7 @@ class CapturedGraph:
     weight_positions: tuple[int, ...]  # positions bound as constants
     weight_names: dict[int, str]  # position -> the user's name of that weight
     writes_inputs: bool = False  # an op writes into a runtime input: a failed call may have half-updated it
+    input_names: tuple[str, ...] = ()  # the user's names of the runtime inputs (what calibration data is keyed by)
 
 
 def is_weight(value: Any) -> bool:
@@ -101,7 +102,8 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Setting
     traced.graph.lint()
     log.debug("capture: %d nodes, %d weights bound as constants", len(traced.graph.nodes), len(weight_pos))
     writes = any(node.op == "placeholder" for _, node in _written(traced))
-    return CapturedGraph(traced, input_pos, weight_pos, names, writes)
+    return CapturedGraph(traced, input_pos, weight_pos, names, writes,
+                         tuple(user_name(placeholders[i].name) for i in input_pos))
 
 
 def _name_constants(gm: fx.GraphModule, constants: dict[int, torch.Tensor], names: dict[int, str],

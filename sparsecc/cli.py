@@ -25,6 +25,7 @@ COMMANDS = {
     "analyze": ("sparsecc.commands.analyze", "per-weight density, structure, chosen format and predicted gain"),
     "build": ("sparsecc.commands.build", "compile a torch.export program (.pt2) into an artifact directory"),
     "inspect": ("sparsecc.commands.inspect_artifact", "what an artifact holds and what it was built for"),
+    "prune": ("sparsecc.commands.prune", "prune a .pt2's dense weights within an error or sparsity budget"),
     "tune": ("sparsecc.commands.tune", "tune the sparse kernels of a .pt2 into the tuning database"),
     "bench": ("sparsecc.commands.bench", "latency of an artifact against eager dense PyTorch"),
     "export-mlir": ("sparsecc.commands.export_mlir", "linalg MLIR with sparse_tensor encodings on sparse weights"),

@@ -9,6 +9,7 @@ resolved settings.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -20,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from sparsecc.capture import CapturedGraph, capture
-from sparsecc.errors import SparseccError, StageError
+from sparsecc.errors import InputError, SparseccError, StageError
 from sparsecc.formats import SparsePlan
 from sparsecc.ops import SPARSE_OPS
 from sparsecc.passes.analyze_weights import analyze_weights
@@ -28,6 +29,7 @@ from sparsecc.passes.fuse_attention import fuse_attention
 from sparsecc.passes.fuse_epilogues import fuse_epilogues
 from sparsecc.passes.partition_regions import partition_regions
 from sparsecc.passes.plan_formats import plan_formats
+from sparsecc.passes.prune_weights import prune_weights
 from sparsecc.passes.rewrite_sparse import rewrite_sparse
 from sparsecc.passes.runner import run_passes
 from sparsecc.passes.simplify_layer_norm import simplify_layer_norm
@@ -53,6 +55,7 @@ class Captured:
     captured: CapturedGraph
     gm: fx.GraphModule  # the canonical graph; later stages edit it in place
     inputs: tuple  # the example inputs that stay runtime inputs (the rewrite's shape propagation runs on them)
+    weights: dict[str, torch.Tensor]  # user name -> the weight tensor given (what prune={"inplace": True} writes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +64,15 @@ class Analysed(Captured):
 
 
 @dataclasses.dataclass(frozen=True)
-class Planned(Analysed):
+class Pruned(Analysed):
+    """With the `prune` option, the chosen weights are pruned (new constants) and analysed again."""
+
+    pruning: Any  # sparsecc.pruning.PruneReport; None without the option
+    reference: fx.GraphModule | None  # the pruned graph in PyTorch (what the compiled graph must match)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned(Pruned):
     plan: SparsePlan
 
 
@@ -97,7 +108,8 @@ def _advance(product: Any, cls: type, **new: Any) -> Any:
 
 def _capture(s: Source, settings: Settings) -> Captured:
     captured = capture(s.graph, s.example_inputs, settings, s.weight_names)
-    return Captured(captured, captured.gm, tuple(s.example_inputs[i] for i in captured.input_positions))
+    return Captured(captured, captured.gm, tuple(s.example_inputs[i] for i in captured.input_positions),
+                    {captured.weight_names[i]: s.example_inputs[i] for i in captured.weight_positions})
 
 
 def _analysis(p: Captured, settings: Settings) -> Analysed:
@@ -105,7 +117,24 @@ def _analysis(p: Captured, settings: Settings) -> Analysed:
     return _advance(p, Analysed)
 
 
-def _plan(p: Analysed, settings: Settings) -> Planned:
+def _prune(p: Analysed, settings: Settings) -> Pruned:
+    if settings.prune is None:
+        return _advance(p, Pruned, pruning=None, reference=None)
+    from sparsecc.pruning.pruner import prune_graph
+    from sparsecc.pruning.write_back import write_back
+
+    values, report = prune_graph(p.gm, p.inputs, p.captured.input_names, settings)
+    originals = {attr: getattr(p.gm, attr) for attr in values}
+    run_passes(p.gm, settings, (("prune_weights", lambda g, s: prune_weights(g, values)),))
+    analyze_weights(p.gm, settings)
+    if settings.prune.inplace:
+        write_back(p.gm, originals, p.weights)
+    # Later stages edit the graph in place; the copy keeps what they must agree with, and what runs if they fail.
+    reference = fx.GraphModule(p.gm, copy.deepcopy(p.gm.graph))
+    return _advance(p, Pruned, pruning=report, reference=reference)
+
+
+def _plan(p: Pruned, settings: Settings) -> Planned:
     from sparsecc.planning.target_pricing import pricing_for
 
     with pricing_for(settings) as pricing:
@@ -181,6 +210,7 @@ def _build(p: Lowered, settings: Settings) -> Built:
 STAGE_FUNCS: tuple[tuple[str, Callable[[Any, Settings], Any]], ...] = (
     ("capture", _capture),
     ("analysis", _analysis),
+    ("prune", _prune),
     ("plan", _plan),
     ("rewrite", _rewrite),
     ("partition", _partition),
@@ -204,6 +234,8 @@ class PipelineResult:
     seconds: dict[str, float]
     captured: CapturedGraph | None = None
     gm: fx.GraphModule | None = None  # the current canonical graph
+    pruning: Any = None  # sparsecc.pruning.PruneReport, with the `prune` option
+    reference: fx.GraphModule | None = None  # the pruned graph in PyTorch, on the runtime inputs
     plan: SparsePlan | None = None
     sparse_ops: int = 0
     irmodule: Any = None
@@ -247,7 +279,7 @@ def run_pipeline(source: fx.GraphModule, example_inputs: Sequence[Any], settings
         try:
             product = stage(product, settings)
             product.gm.graph.lint()
-        except StageError:
+        except (StageError, InputError):
             raise
         except SparseccError as exc:
             raise StageError(name, str(exc)) from exc
@@ -271,7 +303,8 @@ def _verify(result: PipelineResult, example_inputs: Sequence[Any]) -> None:
         return [a.clone() if i in runtime and isinstance(a, torch.Tensor) else a for i, a in enumerate(example_inputs)]
 
     with torch.no_grad():
-        expected = result.source(*inputs())
+        expected = result.source(*inputs()) if result.reference is None else \
+            result.reference(*result.runtime_inputs(inputs()))
         actual = result.run(inputs())
     try:
         assert_outputs_close(actual, expected)

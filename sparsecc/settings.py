@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping
 
 from sparsecc.errors import OptionError
 
-STAGES = ("capture", "analysis", "plan", "rewrite", "partition", "lower", "build")
+STAGES = ("capture", "analysis", "prune", "plan", "rewrite", "partition", "lower", "build")
 # Options every compile of the process (and of the processes it starts) takes unless it passes its own: a JSON
 # object, e.g. '{"cost_model": "break-even"}' where a build pipeline wants plans that do not depend on timing.
 ENV_OPTIONS = "SPARSECC_OPTIONS"
@@ -108,6 +108,86 @@ def _rpc_settings(value: Any) -> RpcSettings:
     return RpcSettings(**value)
 
 
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+    """The `prune` option: make weights sparse that arrive dense (sparsecc/pruning/). Exactly one budget:
+    `target_sparsity`, the fraction of the prunable weights' elements that become zero, or `max_error`, the
+    largest error of the model's outputs on the calibration inputs (`metric`: "relative_l2" of all floating
+    outputs, or "cosine": 1 - the mean cosine of the outputs' last-dimension vectors, for embedders). `pattern`:
+    "unstructured", "N:M" (e.g. "2:4") or "RxC" blocks (e.g. "16x1"). `allocation`: "sensitivity" spreads the
+    budget over the layers by the error each level costs them (and, with `max_error`, by the speed it buys);
+    "uniform" gives every layer the same level. `calibration`: batches of the graph's inputs (an iterable of
+    tensors / tuples / dicts, or a safetensors file); None uses the example inputs. `include`: glob patterns of
+    weight names to prune (None: every weight feeding a matrix product). `inplace`: also write the pruned values
+    into the model's own tensors."""
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    pattern: str = "unstructured"
+    target_sparsity: float | None = None
+    max_error: float | None = None
+    metric: Literal["relative_l2", "cosine"] = "relative_l2"
+    allocation: Literal["sensitivity", "uniform"] = "sensitivity"
+    include: tuple[str, ...] | None = None
+    inplace: bool = False
+    # Not part of what the settings compare or hash: data, not a choice.
+    calibration: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from sparsecc.pruning.patterns import Pattern
+
+        if self.method not in PRUNE_METHODS:
+            raise OptionError(f"option 'prune': 'method' must be one of {', '.join(PRUNE_METHODS)}; "
+                              f"got {self.method!r}.")
+        if not isinstance(self.pattern, str):
+            raise OptionError(f"option 'prune': 'pattern' must be a string such as '2:4'; got {self.pattern!r}.")
+        pattern = Pattern.parse(self.pattern)
+        budgets = [b for b in ("target_sparsity", "max_error") if getattr(self, b) is not None]
+        if len(budgets) > 1:
+            raise OptionError("option 'prune': give 'target_sparsity' or 'max_error', not both.")
+        if not budgets and pattern.fixed_sparsity is None:
+            raise OptionError("option 'prune' needs exactly one budget: 'target_sparsity' (e.g. 0.6) or "
+                              "'max_error' (e.g. 0.01); an N:M pattern alone needs none.")
+        for name, high in (("target_sparsity", 1.0), ("max_error", None)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < v and (high is None or v < high)):
+                bounds = "between 0 and 1 (exclusive)" if high else "> 0"
+                raise OptionError(f"option 'prune': '{name}' must be a number {bounds}; got {v!r}.")
+            object.__setattr__(self, name, float(v))
+        if self.metric not in ("relative_l2", "cosine"):
+            raise OptionError(f"option 'prune': 'metric' must be 'relative_l2' or 'cosine'; got {self.metric!r}.")
+        if self.allocation not in ("sensitivity", "uniform"):
+            raise OptionError(f"option 'prune': 'allocation' must be 'sensitivity' or 'uniform'; "
+                              f"got {self.allocation!r}.")
+        if self.include is not None:
+            items = (self.include,) if isinstance(self.include, str) else self.include
+            if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items) or not items:
+                raise OptionError(f"option 'prune': 'include' must be a list of name patterns such as "
+                                  f"['encoder.*']; got {self.include!r}.")
+            object.__setattr__(self, "include", tuple(items))
+        if not isinstance(self.inplace, bool):
+            raise OptionError(f"option 'prune': 'inplace' must be True or False; got {self.inplace!r}.")
+
+    @classmethod
+    def from_option(cls, value: Any) -> "PruneSettings":
+        if isinstance(value, PruneSettings):
+            return value
+        if not isinstance(value, Mapping):
+            raise OptionError("option 'prune' must be a dict such as {'target_sparsity': 0.6} or "
+                              f"{{'max_error': 0.01, 'calibration': batches}}, or None; got {value!r}.")
+        value = dict(value)
+        _check_sub_keys("prune", value, cls)
+        return cls(**value)
+
+    def to_option(self) -> dict[str, Any]:
+        """The option as a manifest records it: without the calibration data."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "calibration"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Options of `torch.compile(..., backend="sparsecc", options={...})` and of the Python API."""
@@ -142,7 +222,7 @@ class Settings:
     # workers start kernels sooner. codegen/openmp_pool.py says why one pool is better.
     thread_pool: Literal["auto", "openmp", "tvm"] = "auto"
     # Stop the pipeline after this stage and run what it produced (debugging, tests, `sparsecc inspect`).
-    stop_after: Literal["capture", "analysis", "plan", "rewrite", "partition", "lower", "build"] | None = None
+    stop_after: Literal["capture", "analysis", "prune", "plan", "rewrite", "partition", "lower", "build"] | None = None
     # Compare the compiled graph with PyTorch on the example inputs before using it.
     verify: bool = True
     # Where a graph with no sparse region runs: eager PyTorch, Inductor, or whichever measures faster on the
@@ -153,6 +233,9 @@ class Settings:
     # Autotune the sparse kernels, e.g. {"trials": 16} or {"trials": 16, "rpc": {"tracker": "host:9190", "key":
     # "cpu"}}; see TuneSettings. Results persist in the tuning database under `cache_dir`; None: untuned kernels.
     tune: TuneSettings | None = None
+    # Prune weights that arrive dense, e.g. {"target_sparsity": 0.6} or {"max_error": 0.01, "calibration": batches};
+    # see PruneSettings. None: never (sparsecc only uses the zeros weights already have).
+    prune: PruneSettings | None = None
     # Formats the planner may choose from: "dense", "csr", "ell" (CSR rows padded to one length), "bsr" (any measured
     # block shape) or "bsrRxC" (one shape).
     # Without "dense" the best listed sparse format is forced on every weight that has a sparse kernel, even where
@@ -171,6 +254,8 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "tune" and value is not None and not isinstance(value, TuneSettings):
                 value = TuneSettings.from_option(value)
+            elif field.name == "prune" and value is not None and not isinstance(value, PruneSettings):
+                value = PruneSettings.from_option(value)
             elif field.name == "formats" and value is not None:
                 value = _formats(value)
             elif field.name == "cache_dir" and isinstance(value, os.PathLike):

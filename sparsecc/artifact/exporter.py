@@ -17,7 +17,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from sparsecc.artifact.graph_json import graph_to_json
 from sparsecc.artifact.store import write_atomically, write_json
-from sparsecc.errors import SparseccError, SparseccFallbackWarning, UnsupportedError
+from sparsecc.errors import InputError, SparseccError, SparseccFallbackWarning, StageError, UnsupportedError
 from sparsecc.formats import SparsePlan
 from sparsecc.pipeline import PipelineResult, run_pipeline
 from sparsecc.settings import Settings
@@ -94,12 +94,22 @@ def compile_program(program: ExportedProgram, inputs: Sequence[torch.Tensor], se
 
     try:
         return run(settings)
+    except InputError:
+        raise
     except SparseccError as exc:
         if settings.on_failure == "raise":
             raise
+        if settings.prune is not None and not _failed_in(exc, ("capture", "analysis", "prune")):
+            warnings.warn(f"{exc}. The artifact runs the pruned model in plain PyTorch instead "
+                          "(on_failure='raise' raises instead).", SparseccFallbackWarning, stacklevel=3)
+            return run(dataclasses.replace(settings, stop_after="prune"))
         warnings.warn(f"{exc}. The artifact runs this model in plain PyTorch instead "
                       "(on_failure='raise' raises instead).", SparseccFallbackWarning, stacklevel=3)
         return run(Settings.from_options({**settings_options(settings), "stop_after": "capture"}))
+
+
+def _failed_in(exc: SparseccError, stages: Sequence[str]) -> bool:
+    return isinstance(exc, StageError) and exc.stage in stages
 
 
 def plan_program(program: ExportedProgram, options: Mapping[str, Any] | None = None,
@@ -113,7 +123,7 @@ def plan_program(program: ExportedProgram, options: Mapping[str, Any] | None = N
 def settings_options(settings: Settings) -> dict[str, Any]:
     """The options that differ from the defaults (what the manifest records)."""
     default = Settings()
-    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+    return {k: v.to_option() if hasattr(v, "to_option") else dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
             for k, v in vars(settings).items() if getattr(default, k) != v}
 
 

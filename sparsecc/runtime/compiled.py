@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from sparsecc.capture import is_weight
-from sparsecc.errors import SparseccError, SparseccFallbackWarning, WeightChangedError
+from sparsecc.errors import InputError, SparseccError, SparseccFallbackWarning, WeightChangedError
 from sparsecc.runtime.dense_graph import fastest_dense
 from sparsecc.settings import Settings
 
@@ -169,6 +169,8 @@ class CompiledGraph:
         args = self._private_inputs(args)
         try:
             state = self._compile_variant(self.gm, args, self.settings)
+        except InputError:
+            raise  # the user's data (calibration inputs) is wrong: running dense would hide it
         except SparseccError as exc:
             if self.settings.on_failure == "raise":
                 raise
@@ -178,13 +180,20 @@ class CompiledGraph:
                           stacklevel=3)
             return self._in_pytorch
         run = state.run
-        if state.vm is None and state.completed[-1] == "build":
+        fallback = self._in_pytorch
+        if state.reference is not None:
+            # Pruned: PyTorch runs the pruned graph, so a fallback never changes the answers mid-stream.
+            def fallback(call_args: Sequence[Any], reference=state.reference, state=state) -> Any:
+                return reference(*state.runtime_inputs(call_args))
+        elif state.vm is None and state.completed[-1] == "build":
             backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
             state = dataclasses.replace(state, dense_backend=backend)
         weights.states.append(state)
+        if self.settings.prune is not None and self.settings.prune.inplace:
+            weights.snapshot = _weight_snapshot(args, self._weight_pos)  # the pruned values written back
         if state.captured is not None and state.captured.writes_inputs:
             return run  # a failed call may have written part of an input: running it again is not safe
-        return self._guarded(run, weights, sig)
+        return self._guarded(run, weights, sig, fallback)
 
     def _in_pytorch(self, args: Sequence[Any]) -> Any:
         """The dynamo graph in plain PyTorch: what a variant that cannot compile, or failed at run time, runs."""
@@ -194,8 +203,8 @@ class CompiledGraph:
         return [a.clone() if isinstance(a, torch.Tensor) and i not in self._weight_set else a
                 for i, a in enumerate(args)]
 
-    def _guarded(self, run: Callable[[Sequence[Any]], Any], weights: _WeightSet,
-                 sig: tuple) -> Callable[[Sequence[Any]], Any]:
+    def _guarded(self, run: Callable[[Sequence[Any]], Any], weights: _WeightSet, sig: tuple,
+                 fallback: Callable[[Sequence[Any]], Any]) -> Callable[[Sequence[Any]], Any]:
         """`run`, falling back to the dynamo graph in plain PyTorch when it raises where PyTorch does not.
 
         A failure PyTorch shares (an id past the embedding table) is the input's: PyTorch's error is raised and the
@@ -208,7 +217,7 @@ class CompiledGraph:
             except Exception as exc:
                 if self.settings.on_failure == "raise":
                     raise
-                result = self._in_pytorch(args)  # raises PyTorch's own error if the input is at fault
+                result = fallback(args)  # raises PyTorch's own error if the input is at fault
                 self.fallbacks += 1
                 log.debug("sparsecc: graph %d failed at run time", self.serial, exc_info=True)
                 warnings.warn(f"sparsecc: graph {self.serial} failed at run time where plain PyTorch does not "
@@ -216,7 +225,7 @@ class CompiledGraph:
                               "(options={'on_failure': 'raise'} raises instead).", SparseccFallbackWarning,
                               stacklevel=4)
                 if weights.variants.get(sig) is guarded:
-                    weights.variants[sig] = self._in_pytorch
+                    weights.variants[sig] = fallback
                 return result
 
         return guarded
@@ -236,4 +245,6 @@ class CompiledGraph:
 
         if self.state is None or self.state.plan is None:
             return "sparsecc: this graph was not compiled (see the fallback warning)"
+        if self.state.pruning is not None:  # what pruning did, then the plan of the pruned weights
+            return f"{self.state.pruning.table()}\n\n{plan_table(self.state.plan)}"
         return plan_table(self.state.plan)
