@@ -18,18 +18,20 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
 from sparsecc.capture import CapturedGraph, capture
 from sparsecc.errors import InputError, SparseccError, StageError
 from sparsecc.formats import SparsePlan
 from sparsecc.ops import SPARSE_OPS
-from sparsecc.passes.analyze_weights import analyze_weights
+from sparsecc.passes.analyze_weights import analyze_weights, analysed_weights
 from sparsecc.passes.fuse_attention import fuse_attention
 from sparsecc.passes.fuse_epilogues import fuse_epilogues
 from sparsecc.passes.partition_regions import partition_regions
 from sparsecc.passes.plan_formats import plan_formats
 from sparsecc.passes.prune_weights import prune_weights
+from sparsecc.passes.remove_dead_channels import remove_dead_channels
 from sparsecc.passes.rewrite_sparse import rewrite_sparse
 from sparsecc.passes.runner import run_passes
 from sparsecc.passes.simplify_layer_norm import simplify_layer_norm
@@ -129,6 +131,15 @@ def _prune(p: Analysed, settings: Settings) -> Pruned:
     analyze_weights(p.gm, settings)
     if settings.prune.inplace:
         write_back(p.gm, originals, p.weights)
+    if settings.prune.dead_channels:
+        found = remove_dead_channels(p.gm, list(analysed_weights(p.gm)))
+        if any(d.removed for d in found):
+            p.gm.recompile()
+            # The shrunk layers' shapes, for analysis's token counts and the passes after it.
+            with torch.no_grad():
+                FakeTensorProp(p.gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*p.inputs)
+            analyze_weights(p.gm, settings)
+        report = dataclasses.replace(report, dead_channels=tuple(found))
     # Later stages edit the graph in place; the copy keeps what they must agree with, and what runs if they fail.
     reference = fx.GraphModule(p.gm, copy.deepcopy(p.gm.graph))
     return _advance(p, Pruned, pruning=report, reference=reference)

@@ -122,7 +122,8 @@ class PruneSettings:
     "uniform" gives every layer the same level. `calibration`: batches of the graph's inputs (an iterable of
     tensors / tuples / dicts, or a safetensors file); None uses the example inputs. `include`: glob patterns of
     weight names to prune (None: every weight feeding a matrix product). `inplace`: also write the pruned values
-    into the model's own tensors."""
+    into the model's own tensors. `dead_channels`: remove all-zero output rows together with the next layer's
+    matching inputs."""
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
     pattern: str = "unstructured"
@@ -132,6 +133,8 @@ class PruneSettings:
     allocation: Literal["sensitivity", "uniform"] = "sensitivity"
     include: tuple[str, ...] | None = None
     inplace: bool = False
+    # Take all-zero output rows out of a layer and the matching inputs of the next (passes/remove_dead_channels.py).
+    dead_channels: bool = True
     # Not part of what the settings compare or hash: data, not a choice.
     calibration: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
@@ -169,8 +172,9 @@ class PruneSettings:
                 raise OptionError(f"option 'prune': 'include' must be a list of name patterns such as "
                                   f"['encoder.*']; got {self.include!r}.")
             object.__setattr__(self, "include", tuple(items))
-        if not isinstance(self.inplace, bool):
-            raise OptionError(f"option 'prune': 'inplace' must be True or False; got {self.inplace!r}.")
+        for flag in ("inplace", "dead_channels"):
+            if not isinstance(getattr(self, flag), bool):
+                raise OptionError(f"option 'prune': '{flag}' must be True or False; got {getattr(self, flag)!r}.")
 
     @classmethod
     def from_option(cls, value: Any) -> "PruneSettings":

@@ -70,7 +70,7 @@ def test_build_inspect_bench(program, tmp_path):
     done = sparsecc_cli("build", program, "-o", out, *CLI_TEST_OPTIONS)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out)
-    assert "[7/7] build done" in done.stderr  # progress goes to stderr
+    assert "[8/8] build done" in done.stderr  # progress goes to stderr
     info = json.loads(sparsecc_cli("inspect", out, "--json").stdout)
     assert info["manifest"]["source"]["file"] == "mlp.pt2"
     assert len(info["manifest"]["sparse_weights"]) == 2

@@ -343,3 +343,51 @@ def test_cli_prune_writes_a_pruned_program_and_analyze_shows_curves(tmp_path):
     assert len(lines) == 2 and all(len(line.split()) == 6 for line in lines)  # a name and five levels
     bad = cli("prune", "mlp.pt2", "-o", "x.pt2")
     assert bad.returncode == 1 and "give a budget" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- dead channels
+
+class Block(torch.nn.Module):
+    """3-D input like a transformer's feed-forward block; `residual` adds the up projection's output back."""
+
+    def __init__(self, residual=False):
+        super().__init__()
+        self.up = torch.nn.Linear(128, 128 if residual else 256)
+        self.down = torch.nn.Linear(128 if residual else 256, 128)
+        self.residual = residual
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(torch.nn.functional.gelu(h)) + (h if self.residual else 0)
+
+
+def test_dead_channels_leave_both_layers_and_the_answer_stays(no_fallback):
+    import copy
+
+    model = Block().eval()
+    with torch.no_grad():
+        model.up.weight[::4] = 0.0  # 64 dead channels given; pruning may add more
+    pruned = copy.deepcopy(model)
+    x = correlated_rows(64, 128, seed=3).reshape(4, 16, 128)
+    calibration = [b.reshape(4, 16, 128) for b in batches()]
+    out, state = compiled_state(pruned, x, target_sparsity=0.3, calibration=calibration, inplace=True)
+    dead = {d.weight: d for d in state.pruning.dead_channels}
+    assert dead["up.weight"].removed >= 64 and dead["up.weight"].into == "down.weight"
+    kept = 256 - dead["up.weight"].removed
+    shapes = {w.name: w.shape for w in state.plan.weights.values()}
+    assert sorted(shapes["up.weight"]) == [128, kept] and sorted(shapes["down.weight"]) == [128, kept]
+    with torch.no_grad():  # `pruned` holds the pruned weights at full size: the removal changed nothing else
+        torch.testing.assert_close(out, pruned(x), **FP32)
+    assert "removed with the matching inputs of down.weight" in state.pruning.table()
+
+
+def test_dead_channels_feeding_a_residual_add_are_kept(no_fallback):
+    model = Block(residual=True).eval()
+    with torch.no_grad():
+        model.up.weight[::4] = 0.0
+    x = correlated_rows(64, 128, seed=3).reshape(4, 16, 128)
+    out, state = compiled_state(model, x, target_sparsity=0.3, calibration=[x], dead_channels=True)
+    dead = {d.weight: d for d in state.pruning.dead_channels}
+    assert dead["up.weight"].removed == 0 and "users" in dead["up.weight"].note
+    with torch.no_grad():
+        torch.testing.assert_close(out, state.reference(x)[0], **FP32)

@@ -32,6 +32,7 @@ class PruneReport:
     curves: tuple[tuple[str, tuple[float, ...], tuple[float, ...]], ...] = ()
     # (sparsity, measured model error, predicted seconds of the pruned layers) of each allocation measured
     model_curve: tuple[tuple[float, float, float | None], ...] = ()
+    dead_channels: tuple = ()  # passes.remove_dead_channels.DeadChannels of each layer with all-zero output rows
 
     def table(self) -> str:
         rows = [("weight", "out x in", "density", "layer error", "dense us", "sparse us")]
@@ -46,6 +47,9 @@ class PruneReport:
                 f"{self.sparsity:.1%} of their elements zero, model error {self.model_error:.4g} ({self.metric}) "
                 f"on {self.calibration_batches} calibration batches, {self.seconds:.1f} s")
         tail = [f"not pruned: {name} ({why})" for name, why in self.skipped]
+        for d in self.dead_channels:
+            tail.append(f"dead channels: {d.weight}: {d.dead} all-zero output rows, " +
+                        (f"removed with the matching inputs of {d.into}" if d.removed else f"kept ({d.note})"))
         return "\n".join([head, *lines, *tail])
 
 
