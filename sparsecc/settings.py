@@ -77,11 +77,16 @@ class TuneSettings:
     def from_option(cls, value: Any) -> "TuneSettings":
         if isinstance(value, TuneSettings):
             return value
-        if not isinstance(value, Mapping):
-            raise OptionError(f"option 'tune' must be a dict such as {{'trials': 16}}, or None; got {value!r}.")
-        value = dict(value)
-        _check_sub_keys("tune", value, cls)
-        return cls(**value)
+        return cls(**_sub_options("tune", value, cls, "{'trials': 16}, or None"))
+
+
+def _sub_options(where: str, value: Any, cls: type, example: str) -> dict:
+    """A dict option's keys and values, checked against the fields of its settings class."""
+    if not isinstance(value, Mapping):
+        raise OptionError(f"option '{where}' must be a dict such as {example}; got {value!r}.")
+    value = dict(value)
+    _check_sub_keys(where, value, cls)
+    return value
 
 
 def _check_sub_keys(where: str, value: dict, cls: type) -> None:
@@ -180,12 +185,8 @@ class PruneSettings:
     def from_option(cls, value: Any) -> "PruneSettings":
         if isinstance(value, PruneSettings):
             return value
-        if not isinstance(value, Mapping):
-            raise OptionError("option 'prune' must be a dict such as {'target_sparsity': 0.6} or "
-                              f"{{'max_error': 0.01, 'calibration': batches}}, or None; got {value!r}.")
-        value = dict(value)
-        _check_sub_keys("prune", value, cls)
-        return cls(**value)
+        return cls(**_sub_options("prune", value, cls,
+                                  "{'target_sparsity': 0.6} or {'max_error': 0.01, 'calibration': batches}, or None"))
 
     def to_option(self) -> dict[str, Any]:
         """The option as a manifest records it: without the calibration data."""

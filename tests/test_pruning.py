@@ -22,7 +22,8 @@ def correlated_rows(rows: int, features: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(features // 4, features, generator=g)
     scale = torch.linspace(0.2, 3.0, features)
-    return (torch.randn(rows, features // 4, generator=g) @ basis + 0.3 * torch.randn(rows, features, generator=g)) * scale
+    mixed = torch.randn(rows, features // 4, generator=g) @ basis
+    return (mixed + 0.3 * torch.randn(rows, features, generator=g)) * scale
 
 
 class MLP(torch.nn.Module):

@@ -32,6 +32,9 @@ CACHE_BYTES = 512 << 20
 # Where each layer is pruned alone to see what its error costs the model, and on how many calibration batches.
 PROBE_LEVEL = 0.6
 PROBE_BATCHES = 2
+# With max_error, what removing all of a layer's elements is worth when it buys no speed, as a fraction of the
+# layer's dense time.
+SIZE_WEIGHT = 1e-3
 
 
 class _Pruned:
@@ -162,8 +165,13 @@ def _curves(layers: Sequence[Layer], levels: Sequence[float], pruned: _Pruned, s
             if speed is None:
                 gains = tuple(level * layer.numel for level in levels)
             else:
+                # Seconds saved, plus a little per element removed: speed decides, and a level that buys no speed
+                # still ranks (after every one that does) by the size it saves.
+                dense_seconds, _ = speed(layer, 1.0)
+                per_element = SIZE_WEIGHT * dense_seconds / layer.numel
                 base = min(speed(layer, density))
-                gains = tuple(max(0.0, base - min(speed(layer, min(density, 1.0 - level)))) for level in levels)
+                gains = tuple(max(0.0, base - min(speed(layer, min(density, 1.0 - level))))
+                              + per_element * level * layer.numel for level in levels)
             curves.append(Curve(tuple(levels), errors, gains, layer.numel))
             update(1, layer.name)
     finally:
