@@ -78,7 +78,7 @@ def prune_graph(gm: fx.GraphModule, inputs: Sequence[Any], names: Sequence[str],
                                len(batches), time.perf_counter() - start, (), tuple(skipped.items()))
     stats = gather_statistics(gm, layers, batches)
     pruned = _Pruned(gm, stats, prune, pattern)
-    speed = speed_model(settings, pattern) if prune.max_error is not None else None
+    speed = speed_model(settings, pattern)  # None with cost_model="break-even"
     levels = (0.0, pattern.fixed_sparsity) if pattern.fixed_sparsity is not None else LEVELS
     originals = {layer.attr: getattr(gm, layer.attr) for layer in layers}
 
@@ -97,7 +97,8 @@ def prune_graph(gm: fx.GraphModule, inputs: Sequence[Any], names: Sequence[str],
     if prune.allocation == "uniform":
         chosen = _uniform(prune, pattern, levels, len(layers), evaluate)
     else:
-        curves = _curves(layers, levels, pruned, speed, stats)
+        # Speed steers only a max_error budget; target_sparsity counts elements.
+        curves = _curves(layers, levels, pruned, speed if prune.max_error is not None else None, stats)
         curves = _scaled_to_the_model(curves, layers, pruned, gm, batches, stats, originals)
         sequence = greedy_sequence(curves)
         if prune.max_error is not None:
