@@ -108,11 +108,16 @@ def prune_graph(gm: fx.GraphModule, inputs: Sequence[Any], names: Sequence[str],
                 model_curve.append((sparsity_of(curves, sequence[i]), error,
                                     _predicted(layers, _levels(curves, sequence[i]), speed)))
             allocation = sequence[index]
-        else:  # no budget: only N:M, which then prunes every layer it fits
+        else:  # target_sparsity, or an N:M pattern without a budget: every layer it fits
             allocation = first_reaching(curves, sequence, prune.target_sparsity or 1.0)
         chosen = _levels(curves, allocation)
-    return _finish(gm, layers, chosen, pruned, stats, batches, prune, pattern, skipped, curves, model_curve, speed,
-                   start, evaluate)
+    finished = _finish(layers, chosen, pruned, speed, evaluate)
+    report = dataclasses.replace(
+        finished.report, calibration_batches=len(batches), seconds=time.perf_counter() - start,
+        skipped=tuple(skipped.items()), model_curve=tuple(model_curve) + finished.report.model_curve,
+        curves=tuple((layer.name, c.levels, c.errors) for layer, c in zip(layers, curves)))
+    log.info("%s", report.table())
+    return finished.values, report
 
 
 def _scaled_to_the_model(curves: list[Curve], layers: Sequence[Layer], pruned: _Pruned, gm: fx.GraphModule,
@@ -194,8 +199,15 @@ def _budget(prune: PruneSettings, pattern: Pattern) -> str:
     return f"{pattern.label} on every layer it fits"
 
 
-def _finish(gm, layers, chosen, pruned, stats, batches, prune, pattern, skipped, curves, model_curve, speed, start,
-            evaluate) -> tuple[dict[str, torch.Tensor], PruneReport]:
+@dataclasses.dataclass(frozen=True)
+class _Finished:
+    values: dict[str, torch.Tensor]  # attr -> pruned tensor as stored
+    report: PruneReport  # what the pruning itself knows; prune_graph adds the rest
+
+
+def _finish(layers: Sequence[Layer], chosen: Sequence[float], pruned: _Pruned, speed, evaluate) -> _Finished:
+    """Each layer at its chosen level, the report's rows, and the model error measured on the calibration batches."""
+    prune, pattern = pruned.prune, pruned.pattern
     values: dict[str, torch.Tensor] = {}
     rows = []
     update, close = progress_bar(len(layers), "sparsecc prune: pruning", "layer")
@@ -209,17 +221,13 @@ def _finish(gm, layers, chosen, pruned, stats, batches, prune, pattern, skipped,
                 values[layer.attr] = layer.stored(matrix)
             times = speed(layer, after) if speed is not None else (None, None)
             rows.append(LayerPrune(layer.name, layer.shape, round(before, 6), round(after, 6),
-                                   relative_error(dense, matrix, stats.grams[layer.attr]), *times))
+                                   relative_error(dense, matrix, pruned.stats.grams[layer.attr]), *times))
             update(1, layer.name)
     finally:
         close()
     error = evaluate(chosen)
     total = sum(layer.numel for layer in layers)
     sparsity = 1.0 - sum(r.density * layer.numel for r, layer in zip(rows, layers)) / total
-    model_curve = tuple(model_curve) + ((sparsity, error, _predicted(layers, chosen, speed)),)
-    report = PruneReport(
-        prune.method, pattern.label, _budget(prune, pattern), prune.metric, error, sparsity, len(batches),
-        time.perf_counter() - start, tuple(rows), tuple(skipped.items()),
-        tuple((layer.name, c.levels, c.errors) for layer, c in zip(layers, curves)), model_curve)
-    log.info("%s", report.table())
-    return values, report
+    report = PruneReport(prune.method, pattern.label, _budget(prune, pattern), prune.metric, error, sparsity, 0, 0.0,
+                         tuple(rows), model_curve=((sparsity, error, _predicted(layers, chosen, speed)),))
+    return _Finished(values, report)
