@@ -71,6 +71,8 @@ class Pruned(Analysed):
 
     pruning: Any  # sparsecc.pruning.PruneReport; None without the option
     reference: fx.GraphModule | None  # the pruned graph in PyTorch (what the compiled graph must match)
+    # user name -> pruned value shaped like the user's weight (what other input shapes of the graph compile with)
+    pruned_weights: dict[str, torch.Tensor] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,16 +123,17 @@ def _analysis(p: Captured, settings: Settings) -> Analysed:
 
 def _prune(p: Analysed, settings: Settings) -> Pruned:
     if settings.prune is None:
-        return _advance(p, Pruned, pruning=None, reference=None)
+        return _advance(p, Pruned, pruning=None, reference=None, pruned_weights=None)
     from sparsecc.pruning.pruner import prune_graph
-    from sparsecc.pruning.write_back import write_back
+    from sparsecc.pruning.write_back import pruned_user_weights, write_back
 
     values, report = prune_graph(p.gm, p.inputs, p.captured.input_names, settings)
     originals = {attr: getattr(p.gm, attr) for attr in values}
     run_passes(p.gm, settings, (("prune_weights", lambda g, s: prune_weights(g, values)),))
     analyze_weights(p.gm, settings)
+    user_values = pruned_user_weights(p.gm, originals, p.weights)
     if settings.prune.inplace:
-        write_back(p.gm, originals, p.weights)
+        write_back(user_values, p.weights)
     if settings.prune.dead_channels:
         found = remove_dead_channels(p.gm, list(analysed_weights(p.gm)))
         if any(d.removed for d in found):
@@ -142,7 +145,7 @@ def _prune(p: Analysed, settings: Settings) -> Pruned:
         report = dataclasses.replace(report, dead_channels=tuple(found))
     # Later stages edit the graph in place; the copy keeps what they must agree with, and what runs if they fail.
     reference = fx.GraphModule(p.gm, copy.deepcopy(p.gm.graph))
-    return _advance(p, Pruned, pruning=report, reference=reference)
+    return _advance(p, Pruned, pruning=report, reference=reference, pruned_weights=user_values)
 
 
 def _plan(p: Pruned, settings: Settings) -> Planned:
@@ -247,6 +250,7 @@ class PipelineResult:
     gm: fx.GraphModule | None = None  # the current canonical graph
     pruning: Any = None  # sparsecc.pruning.PruneReport, with the `prune` option
     reference: fx.GraphModule | None = None  # the pruned graph in PyTorch, on the runtime inputs
+    pruned_weights: dict[str, torch.Tensor] | None = None  # user name -> pruned value, shaped like the user's weight
     plan: SparsePlan | None = None
     sparse_ops: int = 0
     irmodule: Any = None

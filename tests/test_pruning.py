@@ -392,3 +392,39 @@ def test_dead_channels_feeding_a_residual_add_are_kept(no_fallback):
     assert dead["up.weight"].removed == 0 and "users" in dead["up.weight"].note
     with torch.no_grad():
         torch.testing.assert_close(out, state.reference(x)[0], **FP32)
+
+
+def test_a_second_input_shape_reuses_the_pruned_weights(no_fallback):
+    import copy
+
+    model = MLP().eval()
+    pruned = copy.deepcopy(model)
+    compiled = sparsecc.compile(pruned, options={**TEST_OPTIONS, "min_weight_numel": 1, "prune": {
+        "target_sparsity": 0.9, "calibration": batches(), "inplace": True}})
+    watch = CompileWatch()
+    with watch.__enter__(), torch.no_grad():
+        first = compiled(correlated_rows(64, 128, seed=1))
+        x = correlated_rows(32, 128, seed=2)  # calibration batches are 64 rows: this shape must not calibrate again
+        second = compiled(x)
+        torch.testing.assert_close(second, pruned(x), **FP32)
+    # dynamo makes a graph with a symbolic batch for the second shape; that graph too starts from the pruned weights.
+    assert first.shape == (64, 128) and watch.fallbacks == 0 and watch.graphs[0].state.pruning is not None
+    newest = watch.graphs[-1].state
+    assert newest.pruning is None and newest.sparse_ops == 2  # compiled from the pruned weights, not pruned again
+
+
+def test_a_second_input_shape_runs_the_pruned_weights_even_without_inplace(no_fallback):
+    model = MLP().eval()
+    compiled = sparsecc.compile(model, options={**TEST_OPTIONS, "min_weight_numel": 1, "prune": {
+        "target_sparsity": 0.9, "calibration": batches()}})
+    with torch.no_grad():
+        compiled(correlated_rows(64, 128, seed=1))
+        x = correlated_rows(32, 128, seed=2)
+        second = compiled(x)
+    first_state = sparsecc.compiled_graphs()[-2].state  # the first shape's graph, which pruned
+    assert set(first_state.pruned_weights) == {"up.weight", "down.weight"}
+    pruned = MLP().eval()
+    pruned.load_state_dict({**model.state_dict(), **first_state.pruned_weights})
+    with torch.no_grad():
+        torch.testing.assert_close(second, pruned(x), **FP32)  # the same pruned weights at another shape
+    assert bool((model.up.weight != 0).all())  # the user's module still holds its dense weights

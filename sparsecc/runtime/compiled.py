@@ -55,6 +55,33 @@ def _signature(args: Sequence[Any], weight_pos: frozenset[int]) -> tuple:
     return tuple(sig)
 
 
+# With the `prune` option: id of a user's weight tensor -> (a weak reference to it, the prune settings, its version,
+# its pruned value), from the first graph or input shape that pruned it. Other shapes (new variants, or the dynamic
+# graph dynamo makes for the second shape) compile and fall back with these values, so a model is pruned once, not
+# once per shape. By id: tensors compare element-wise, which a WeakKeyDictionary would call.
+_PRUNED: dict[int, tuple[weakref.ref, Any, int, torch.Tensor]] = {}
+
+
+def _remember_pruned(weight: torch.Tensor, prune: Any, value: torch.Tensor) -> None:
+    key = id(weight)
+    # A parameter, as the weight it stands for: capture binds parameters as constants, where analysis sees them.
+    value = torch.nn.Parameter(value.detach(), requires_grad=False)
+    _PRUNED[key] = (weakref.ref(weight, lambda _: _PRUNED.pop(key, None)), prune, weight._version, value)
+
+
+def _pruned_before(prune: Any, args: Sequence[Any], weight_pos: Sequence[int]) -> dict[int, torch.Tensor]:
+    found = {}
+    for i in weight_pos:
+        entry = _PRUNED.get(id(args[i]))
+        if entry is not None and entry[0]() is args[i] and entry[1] == prune and entry[2] == args[i]._version:
+            found[i] = entry[3]
+    return found
+
+
+def _with(values: dict[int, torch.Tensor], args: Sequence[Any]) -> list[Any]:
+    return [values.get(i, a) for i, a in enumerate(args)]
+
+
 def _weight_snapshot(args: Sequence[Any], weight_pos: Sequence[int]) -> tuple:
     return tuple((args[i].data_ptr(), args[i]._version) for i in weight_pos)
 
@@ -167,8 +194,12 @@ class CompiledGraph:
         # Compiling runs the graph (tracing, verifying, timing): on copies, so that a graph which writes into its
         # inputs writes into the caller's tensors once, at the call itself.
         args = self._private_inputs(args)
+        settings = self.settings
+        pruned = _pruned_before(settings.prune, args, self._weight_pos) if settings.prune is not None else {}
+        if pruned:  # pruned by an earlier graph or shape: these shapes compile the pruned weights as they are
+            settings, args = dataclasses.replace(settings, prune=None), _with(pruned, args)
         try:
-            state = self._compile_variant(self.gm, args, self.settings)
+            state = self._compile_variant(self.gm, args, settings)
         except InputError:
             raise  # the user's data (calibration inputs) is wrong: running dense would hide it
         except SparseccError as exc:
@@ -178,22 +209,33 @@ class CompiledGraph:
             warnings.warn(f"{exc}. Running this graph in plain PyTorch instead "
                           "(options={'on_failure': 'raise'} raises instead).", SparseccFallbackWarning,
                           stacklevel=3)
-            return self._in_pytorch
+            return self._pytorch_with(pruned)
         run = state.run
-        fallback = self._in_pytorch
+        fallback = self._pytorch_with(pruned)
         if state.reference is not None:
             # Pruned: PyTorch runs the pruned graph, so a fallback never changes the answers mid-stream.
             def fallback(call_args: Sequence[Any], reference=state.reference, state=state) -> Any:
                 return reference(*state.runtime_inputs(call_args))
+
+            for i, name in state.captured.weight_names.items():
+                if name in (state.pruned_weights or {}):
+                    _remember_pruned(args[i], self.settings.prune, state.pruned_weights[name])
         elif state.vm is None and state.completed[-1] == "build":
-            backend, run = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
+            backend, dense = fastest_dense(self.gm, args, state.run, self.settings.dense_backend)
+            run = dense if not pruned else (lambda call_args, dense=dense: dense(_with(pruned, call_args)))
             state = dataclasses.replace(state, dense_backend=backend)
         weights.states.append(state)
-        if self.settings.prune is not None and self.settings.prune.inplace:
+        if self.settings.prune is not None and self.settings.prune.inplace and not pruned:
             weights.snapshot = _weight_snapshot(args, self._weight_pos)  # the pruned values written back
         if state.captured is not None and state.captured.writes_inputs:
             return run  # a failed call may have written part of an input: running it again is not safe
         return self._guarded(run, weights, sig, fallback)
+
+    def _pytorch_with(self, pruned: dict[int, torch.Tensor]) -> Callable[[Sequence[Any]], Any]:
+        """The dynamo graph in plain PyTorch, with pruned values for the weights that have them."""
+        if not pruned:
+            return self._in_pytorch
+        return lambda args: self.gm(*_with(pruned, args))
 
     def _in_pytorch(self, args: Sequence[Any]) -> Any:
         """The dynamo graph in plain PyTorch: what a variant that cannot compile, or failed at run time, runs."""
