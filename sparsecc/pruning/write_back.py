@@ -32,8 +32,8 @@ def pruned_user_weights(gm: fx.GraphModule, originals: Mapping[str, torch.Tensor
         elif user is not None and user.dim() == 2 and user.shape == before.t().shape and torch.equal(user, before.t()):
             values[name] = after.t()
         else:
-            warnings.warn(f"sparsecc prune: the pruned {name} cannot be put back into the model: the graph multiplies a "
-                          "value computed from it; inplace=True leaves that weight, and other input shapes of this "
+            warnings.warn(f"sparsecc prune: the pruned {name} cannot be put back into the model: the graph "
+                          "multiplies a value computed from it; inplace=True leaves that weight, and other input shapes of this "
                           "graph run it dense", stacklevel=3)
     return values
 
