@@ -114,7 +114,6 @@ def activation_rows(role: str, args: Sequence[Any], pos: int) -> torch.Tensor:
 @dataclasses.dataclass
 class Statistics:
     grams: dict[str, torch.Tensor]  # attr -> (in, in) float64, summed over every calibration row
-    rows: dict[str, int]
     outputs: list[Any]  # the graph's outputs on each calibration batch
 
 
@@ -122,7 +121,6 @@ def gather_statistics(gm: fx.GraphModule, layers: Sequence[Layer], batches: Sequ
     """One pass over the calibration batches."""
     by_node = {node: (layer, role, pos) for layer in layers for node, role, pos in layer.uses}
     grams = {layer.attr: torch.zeros(layer.shape[1], layer.shape[1], dtype=torch.float64) for layer in layers}
-    rows = {layer.attr: 0 for layer in layers}
 
     class Collector(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
@@ -133,7 +131,6 @@ def gather_statistics(gm: fx.GraphModule, layers: Sequence[Layer], batches: Sequ
                 args = self.fetch_args_kwargs_from_env(n)[0]
                 x = activation_rows(role, args, pos).to(torch.float64)
                 grams[layer.attr].add_(x.T @ x)
-                rows[layer.attr] += x.shape[0]
             return result
 
     outputs = []
@@ -145,13 +142,21 @@ def gather_statistics(gm: fx.GraphModule, layers: Sequence[Layer], batches: Sequ
                 update(1, "")
     finally:
         close()
-    return Statistics(grams, rows, outputs)
+    return Statistics(grams, outputs)
 
 
 def _copies(batch: Sequence[Any]) -> list[Any]:
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in batch]
 
 
-def run_batches(gm: fx.GraphModule, batches: Sequence[tuple]) -> list[Any]:
-    with torch.no_grad():
-        return [gm(*_copies(batch)) for batch in batches]
+def outputs_with(gm: fx.GraphModule, values: dict[str, torch.Tensor], batches: Sequence[tuple]) -> list[Any]:
+    """The graph's outputs on `batches` with some constants (attr -> value as stored) replaced, then put back."""
+    originals = {attr: getattr(gm, attr) for attr in values}
+    try:
+        for attr, value in values.items():
+            setattr(gm, attr, value)
+        with torch.no_grad():
+            return [gm(*_copies(batch)) for batch in batches]
+    finally:
+        for attr, tensor in originals.items():
+            setattr(gm, attr, tensor)

@@ -16,7 +16,7 @@ from torch import fx
 from sparsecc.progress import progress_bar
 from sparsecc.pruning.allocation import LEVELS, Curve, first_reaching, greedy_sequence, last_within, sparsity_of
 from sparsecc.pruning.calibration_inputs import calibration_batches
-from sparsecc.pruning.layers import Layer, Statistics, gather_statistics, prunable_layers, run_batches
+from sparsecc.pruning.layers import Layer, Statistics, gather_statistics, outputs_with, prunable_layers
 from sparsecc.pruning.methods import prune_matrix, relative_error
 from sparsecc.pruning.model_error import model_error
 from sparsecc.pruning.patterns import Pattern
@@ -80,17 +80,11 @@ def prune_graph(gm: fx.GraphModule, inputs: Sequence[Any], names: Sequence[str],
     pruned = _Pruned(gm, stats, prune, pattern)
     speed = speed_model(settings, pattern)  # None with cost_model="break-even"
     levels = (0.0, pattern.fixed_sparsity) if pattern.fixed_sparsity is not None else LEVELS
-    originals = {layer.attr: getattr(gm, layer.attr) for layer in layers}
 
     def evaluate(allocation: Sequence[float]) -> float:
-        try:
-            for layer, level in zip(layers, allocation):
-                if level:
-                    setattr(gm, layer.attr, layer.stored(pruned.get(layer, level)))
-            return model_error(run_batches(gm, batches), stats.outputs, prune.metric)
-        finally:
-            for attr, tensor in originals.items():
-                setattr(gm, attr, tensor)
+        values = {layer.attr: layer.stored(pruned.get(layer, level))
+                  for layer, level in zip(layers, allocation) if level}
+        return model_error(outputs_with(gm, values, batches), stats.outputs, prune.metric)
 
     curves: list[Curve] = []
     model_curve: list[tuple[float, float, float | None]] = []
@@ -99,7 +93,7 @@ def prune_graph(gm: fx.GraphModule, inputs: Sequence[Any], names: Sequence[str],
     else:
         # Speed steers only a max_error budget; target_sparsity counts elements.
         curves = _curves(layers, levels, pruned, speed if prune.max_error is not None else None, stats)
-        curves = _scaled_to_the_model(curves, layers, pruned, gm, batches, stats, originals)
+        curves = _scaled_to_the_model(curves, layers, pruned, gm, batches, stats)
         sequence = greedy_sequence(curves)
         if prune.max_error is not None:
             index, measured = last_within(len(sequence), lambda i: evaluate(_levels(curves, sequence[i])),
@@ -121,7 +115,7 @@ def prune_graph(gm: fx.GraphModule, inputs: Sequence[Any], names: Sequence[str],
 
 
 def _scaled_to_the_model(curves: list[Curve], layers: Sequence[Layer], pruned: _Pruned, gm: fx.GraphModule,
-                         batches: Sequence[tuple], stats: Statistics, originals: dict) -> list[Curve]:
+                         batches: Sequence[tuple], stats: Statistics) -> list[Curve]:
     """Each curve rescaled so that its error is in units of the model's output error. A layer's own relative error
     does not say what it costs the model: a feed-forward output dominated by a few large channels loses little of
     its energy yet moves the normalised residual stream a lot. So each layer is pruned alone once, at a probe
@@ -134,11 +128,8 @@ def _scaled_to_the_model(curves: list[Curve], layers: Sequence[Layer], pruned: _
     try:
         for layer, curve in zip(layers, curves):
             j = min(range(1, len(curve.levels)), key=lambda i: abs(curve.levels[i] - PROBE_LEVEL))
-            try:
-                setattr(gm, layer.attr, layer.stored(pruned.get(layer, curve.levels[j])))
-                energy = model_error(run_batches(gm, probe_batches), expected, "relative_l2") ** 2
-            finally:
-                setattr(gm, layer.attr, originals[layer.attr])
+            alone = {layer.attr: layer.stored(pruned.get(layer, curve.levels[j]))}
+            energy = model_error(outputs_with(gm, alone, probe_batches), expected, "relative_l2") ** 2
             factor = energy / curve.errors[j] if curve.errors[j] > 0 else 1.0
             scaled.append(dataclasses.replace(curve, errors=tuple(e * factor for e in curve.errors)))
             update(1, layer.name)

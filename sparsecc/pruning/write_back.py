@@ -33,8 +33,8 @@ def pruned_user_weights(gm: fx.GraphModule, originals: Mapping[str, torch.Tensor
             values[name] = after.t()
         else:
             warnings.warn(f"sparsecc prune: the pruned {name} cannot be put back into the model: the graph "
-                          "multiplies a value computed from it; inplace=True leaves that weight, and other input shapes of this "
-                          "graph run it dense", stacklevel=3)
+                          "multiplies a value computed from it; inplace=True leaves that weight, and other input "
+                          "shapes of this graph run it dense", stacklevel=3)
     return values
 
 
