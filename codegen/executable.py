@@ -1,11 +1,16 @@
 """A built region as an nn.Module the outer FX graph calls: torch tensors cross through DLPack both ways.
 
+A relax VirtualMachine is not safe to call from two threads at once (its register frames are shared; concurrent
+calls crashed the process), so the regions of one VM share a lock held while the VM runs. Kernels already use every
+core, so serving threads lose little by taking turns inside TVM; PyTorch's ops between regions still overlap.
+
 The region's packed weights stay torch tensors held here (plain attributes rather than buffers, since `.to()` would
 leave the TVM views behind); those views are made once rather than on every call.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Mapping
 
 import torch
@@ -23,9 +28,12 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 class TvmRegion(torch.nn.Module):
-    def __init__(self, function: tvm.runtime.PackedFunc, name: str, weights: Mapping[str, torch.Tensor]):
-        """`weights`: the region's constants by attribute name, in the order its function takes them."""
+    def __init__(self, function: tvm.runtime.PackedFunc, name: str, weights: Mapping[str, torch.Tensor],
+                 vm_lock: threading.Lock):
+        """`weights`: the region's constants by attribute name, in the order its function takes them. `vm_lock`:
+        one lock for every region of the same VirtualMachine."""
         super().__init__()
+        self._vm_lock = vm_lock
         self.region_name = name
         self._fn = function
         self.weights = {k: aligned(w) for k, w in weights.items()}
@@ -33,8 +41,10 @@ class TvmRegion(torch.nn.Module):
         self.calls = 0  # how often the TVM function ran: what shows a caller the sparse path was taken
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs = self._fn(*[tvm.runtime.from_dlpack(aligned(a)) for a in args], *self._tvm_weights)
-        self.calls += 1
+        inputs = [tvm.runtime.from_dlpack(aligned(a)) for a in args]
+        with self._vm_lock:
+            outs = self._fn(*inputs, *self._tvm_weights)
+            self.calls += 1
         # Handing torch the capsule skips its device and stream negotiation, which CPU outputs do not need (about
         # 1 us an output; regions are built for the host CPU only).
         return tuple([torch.from_dlpack(o.__dlpack__()) for o in outs])

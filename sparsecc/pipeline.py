@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -214,10 +215,11 @@ def _build(p: Lowered, settings: Settings) -> Built:
         log.info("build: target %s is not this machine; regions are built but not loaded", settings.target)
         return _advance(p, Built, executable=executable, target=target, vm=None, regions=names)
     vm = virtual_machine(executable, settings)
+    vm_lock = threading.Lock()
     for call in regions:
         sub = p.gm.get_submodule(call.target)
         weights = {name: getattr(sub, name) for name in region_weights(sub)}
-        setattr(p.gm, call.target, TvmRegion(vm[call.target], call.target, weights))
+        setattr(p.gm, call.target, TvmRegion(vm[call.target], call.target, weights, vm_lock))
     return _advance(p, Built, executable=executable, target=target, vm=vm, regions=names)
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -155,10 +156,11 @@ def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], we
         vm = relax.VirtualMachine(module, tvm.cpu())
     except Exception as exc:
         raise ArtifactError(f"{library} could not be loaded: {type(exc).__name__}: {exc}") from None
+    vm_lock = threading.Lock()  # a VirtualMachine runs one call at a time (codegen/executable.py)
     for name, attrs in manifest["regions"].items():
         try:
             region_weights = {a: weights[f"{name}.{a}"] for a in attrs}
             function = vm[name]
         except (KeyError, AttributeError) as exc:
             raise ArtifactError(f"{path} is inconsistent: region {name} lacks {exc}") from None
-        root.add_module(name, TvmRegion(function, name, region_weights))
+        root.add_module(name, TvmRegion(function, name, region_weights, vm_lock))

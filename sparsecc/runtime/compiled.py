@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -110,6 +111,7 @@ class CompiledGraph:
         self._weight_sets: collections.OrderedDict[tuple[int, ...], _WeightSet] = collections.OrderedDict()
         self.compiles = 0
         self.fallbacks = 0
+        self._lock = threading.RLock()
         CompiledGraph._serial += 1
         self.serial = CompiledGraph._serial
         _LIVE.add(self)
@@ -137,12 +139,15 @@ class CompiledGraph:
         return self._variant_for(args)(args)
 
     def _variant_for(self, args: Sequence[Any]) -> Callable[[Sequence[Any]], Any]:
-        weights = self._weights_of(args)
-        sig = () if self._concrete else _signature(args, self._weight_set)
-        variant = weights.variants.get(sig)
-        if variant is None:
-            variant = weights.variants[sig] = self._compile(args, weights, sig)
-        return variant
+        # One thread at a time looks up, compiles or releases variants: two threads calling after a weight edit
+        # compile once, and neither runs a variant the other is dropping. The variant itself runs unlocked.
+        with self._lock:
+            weights = self._weights_of(args)
+            sig = () if self._concrete else _signature(args, self._weight_set)
+            variant = weights.variants.get(sig)
+            if variant is None:
+                variant = weights.variants[sig] = self._compile(args, weights, sig)
+            return variant
 
     def _weights_of(self, args: Sequence[Any]) -> _WeightSet:
         """The weight set `args` belong to, its variants dropped if a weight changed since they were compiled."""
