@@ -31,12 +31,31 @@ def host_cpu() -> str:
     if not cpu or cpu == "generic":
         log.warning("LLVM could not name this host's CPU; kernels are built for a generic CPU and run slower")
         return "generic"
+    known = _known_cpus()
+    if known and cpu not in known:
+        # A CPU newer than TVM's LLVM: LLVM would log an error per target and build for a generic CPU anyway.
+        log.warning("this host's CPU %r is unknown to TVM's LLVM %d; kernels are built for a generic CPU and run "
+                    "slower (a newer apache-tvm, or option target= naming an older CPU of the same family, avoids "
+                    "that)", cpu, tvm.target.codegen.llvm_version_major())
+        return "generic"
     return cpu
 
 
+def _known_cpus() -> frozenset[str]:
+    """The CPU names TVM's LLVM accepts for this machine's triple (empty when the triple is not one sparsecc knows)."""
+    triple = _host_triple()
+    if triple is None:
+        return frozenset()
+    return frozenset(map(str, tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm",
+                                                                                         "mtriple": triple}))))
+
+
+def _host_triple() -> str | None:
+    return _TRIPLES.get(platform.machine().lower())
+
+
 def host_target(num_threads: int) -> tvm.target.Target:
-    machine = platform.machine().lower()
-    triple = _TRIPLES.get(machine)
+    triple = _host_triple()
     spec = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": num_threads}
     if triple is not None:
         spec["mtriple"] = triple
