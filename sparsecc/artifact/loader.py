@@ -1,23 +1,28 @@
 """sparsecc.load: an artifact directory -> an nn.Module, without pickle and without the model's Python code.
 
-What runs: the outer graph's ATen ops (resolved by name in torch.ops) and the TVM library the user chose to load.
+What runs: the outer graph's ATen ops (resolved by name in torch.ops, nothing else: graph_json.py) and the TVM
+library the manifest names, loaded only after its bytes matched the sha256 the manifest records. Anything else a
+damaged or inconsistent artifact makes fail while loading is raised as ArtifactError.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tarfile
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.utils._pytree as pytree
 
 from sparsecc.artifact.graph_json import graph_from_json
-from sparsecc.artifact.store import read_manifest
+from sparsecc.artifact.store import REBUILD, is_plain_name, parse_manifest, read_checked, verify_artifact
 from sparsecc.errors import ArtifactError, InputError
 
 log = logging.getLogger(__name__)
@@ -82,33 +87,69 @@ def _output_structure(tree: str | None) -> pytree.TreeSpec | None:
 
 def load(path: str | Path) -> LoadedModel:
     """Load an artifact written by sparsecc.export or `sparsecc build`. Raises ArtifactError when it is missing,
-    incomplete, corrupt, of a newer format, or built for a CPU this machine is not."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    incomplete, corrupt, changed since the build, of a newer format, or built for a CPU this machine is not."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = parse_manifest(path)
+    # Before the integrity check: refusing needs no trust, and an artifact for another CPU is best told as such.
     _check_target(manifest, path)
-    try:
-        weights = load_file(str(path / "weights.safetensors"))
-        graph = json.loads((path / "graph.json").read_text())
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise ArtifactError(f"{path} is corrupt: {exc}") from None
+    verify_artifact(path, manifest)
+    weights = _load_weights(path, manifest)
+    graph = _load_graph_json(path, manifest)
     root = torch.nn.Module()
     regions: dict[str, list[str]] = manifest.get("regions", {})
-    for name, tensor in weights.items():
-        region, _, attr = name.partition(".")
-        if region not in regions:
-            root.register_buffer(name, tensor, persistent=False)
+    _add_constants(root, path, weights, regions)
     if regions:
         _add_regions(root, path, manifest, weights)
-    try:
+    with _inconsistent(path / "graph.json", "does not describe a graph this sparsecc can rebuild"):
         gm = graph_from_json(graph, root)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise ArtifactError(f"{path / 'graph.json'} does not describe a graph this sparsecc can rebuild: "
-                            f"{type(exc).__name__}: {exc}") from None
-    log.info("load: %s (%d regions, target %s)", path, len(regions), manifest["target"].get("mcpu"))
+    _check_arity(gm, manifest, path)
+    log.info("load: %s (%d regions, target %s)", path, len(regions), manifest.get("target", {}).get("mcpu"))
     return LoadedModel(gm, manifest, path)
+
+
+@contextmanager
+def _inconsistent(where: Path, what: str) -> Iterator[None]:
+    """Whatever fails inside, for content that matched its hash but not what this sparsecc builds, becomes an
+    ArtifactError naming the file: a caller of load sees one kind of error for every bad artifact."""
+    try:
+        yield
+    except ArtifactError as exc:
+        raise ArtifactError(f"{where} {what}: {exc}; {REBUILD}") from None
+    except Exception as exc:
+        raise ArtifactError(f"{where} {what}: {type(exc).__name__}: {exc}; {REBUILD}") from exc
+
+
+def _load_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if "weights.safetensors" not in manifest["files"]:
+        raise ArtifactError(f"{path} is incomplete: its manifest does not list weights.safetensors; {REBUILD}")
+    # Read again by path (memory-mapped: weights can be large) after verify_artifact hashed it, so a process that
+    # can write the directory could swap it in between. That changes data the safetensors parser reads, never code.
+    with _inconsistent(path / "weights.safetensors", "is corrupt"):
+        return load_file(str(path / "weights.safetensors"))
+
+
+def _load_graph_json(path: Path, manifest: dict[str, Any]) -> Any:
+    data = read_checked(path, "graph.json", manifest)
+    with _inconsistent(path / "graph.json", "is corrupt"):
+        return json.loads(data.decode("utf-8"))
+
+
+def _add_constants(root: torch.nn.Module, path: Path, weights: dict[str, torch.Tensor],
+                   regions: dict[str, list[str]]) -> None:
+    with _inconsistent(path / "weights.safetensors", "holds a tensor the graph cannot hold as a constant"):
+        for name, tensor in weights.items():
+            region, _, attr = name.partition(".")
+            if region not in regions:
+                root.register_buffer(name, tensor, persistent=False)
+
+
+def _check_arity(gm: torch.fx.GraphModule, manifest: dict[str, Any], path: Path) -> None:
+    placeholders = sum(node.op == "placeholder" for node in gm.graph.nodes)
+    if placeholders != len(manifest["inputs"]):
+        raise ArtifactError(f"{path} is inconsistent: graph.json takes {placeholders} inputs, the manifest lists "
+                            f"{len(manifest['inputs'])}; {REBUILD}")
 
 
 def _check_target(manifest: dict[str, Any], path: Path) -> None:
@@ -128,39 +169,76 @@ def _check_target(manifest: dict[str, Any], path: Path) -> None:
 
 
 def _add_regions(root: torch.nn.Module, path: Path, manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
-    import tvm
-    from tvm import relax
-
-    from sparsecc.codegen.build import uses_openmp
     from sparsecc.codegen.executable import TvmRegion
-    from sparsecc.codegen.openmp_pool import redirect_parallel_launch
-    from sparsecc.codegen.targets import configure_threads
-    from sparsecc.settings import Settings
 
-    library = path / manifest["library"]
-    options = manifest.get("options", {})
-    # The build machine's cache_dir means nothing here: the launcher goes to this machine's cache.
-    settings = Settings(num_threads=options.get("num_threads"),
-                        thread_pool=options.get("thread_pool", "auto")).resolved()
-    configure_threads(settings.threads)
-    try:
-        if library.suffix == ".tar":
-            # TVM links a .tar next to itself; the artifact may be read-only, so link a copy elsewhere.
-            work = Path(tempfile.mkdtemp(prefix="sparsecc-load-"))
-            shutil.copy(library, work / library.name)
-            module = tvm.runtime.load_module(str(work / library.name))
-        else:
-            module = tvm.runtime.load_module(str(library))
-            if uses_openmp(settings):
-                redirect_parallel_launch(library, settings.cache_dir)
-        vm = relax.VirtualMachine(module, tvm.cpu())
-    except Exception as exc:
-        raise ArtifactError(f"{library} could not be loaded: {type(exc).__name__}: {exc}") from None
+    vm = _load_library(path, manifest)
     vm_lock = threading.Lock()  # a VirtualMachine runs one call at a time (codegen/executable.py)
     for name, attrs in manifest["regions"].items():
         try:
             region_weights = {a: weights[f"{name}.{a}"] for a in attrs}
             function = vm[name]
-        except (KeyError, AttributeError) as exc:
-            raise ArtifactError(f"{path} is inconsistent: region {name} lacks {exc}") from None
-        root.add_module(name, TvmRegion(function, name, region_weights, vm_lock))
+        except Exception as exc:  # a missing weight (KeyError) or function (TVM's own error)
+            raise ArtifactError(f"{path} is inconsistent: region {name} lacks {exc}; {REBUILD}") from None
+        with _inconsistent(path, f"cannot hold region {name}"):
+            root.add_module(name, TvmRegion(function, name, region_weights, vm_lock))
+
+
+def _load_settings(manifest: dict[str, Any], path: Path) -> Any:
+    from sparsecc.codegen.targets import configure_threads
+    from sparsecc.settings import Settings
+
+    options = manifest.get("options", {})
+    # The build machine's cache_dir means nothing here: the launcher goes to this machine's cache.
+    with _inconsistent(path / "manifest.json", "has options this sparsecc does not take"):
+        settings = Settings(num_threads=options.get("num_threads"),
+                            thread_pool=options.get("thread_pool", "auto")).resolved()
+    configure_threads(settings.threads)
+    return settings
+
+
+def _load_library(path: Path, manifest: dict[str, Any]) -> Any:
+    """The library's relax VM. The library is loaded from a private copy of the bytes whose sha256 was just
+    checked, so a change to the artifact after the check cannot reach the dynamic loader, and the path dlopen sees
+    is new each time (the same path twice in one process would get the first library back, even after a rebuild).
+    The copy goes to the temporary directory: one mounted noexec needs TMPDIR set to another."""
+    import tvm
+    from tvm import relax
+
+    from sparsecc.codegen.build import uses_openmp
+    from sparsecc.codegen.openmp_pool import redirect_parallel_launch
+
+    name = manifest["library"]
+    settings = _load_settings(manifest, path)
+    data = read_checked(path, name, manifest)
+    work = Path(os.path.realpath(tempfile.mkdtemp(prefix="sparsecc-load-")))
+    try:
+        library = work / name
+        library.write_bytes(data)
+        if library.suffix == ".tar":
+            _check_tar_members(library, path / name)  # TVM untars it next to itself and links what it finds
+        module = tvm.runtime.load_module(str(library))
+        if library.suffix == ".so" and uses_openmp(settings):
+            redirect_parallel_launch(library, settings.cache_dir)
+        return relax.VirtualMachine(module, tvm.cpu())
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"{path / name} matches its hash but could not be loaded ({type(exc).__name__}: {exc}). "
+                            f"If {tempfile.gettempdir()} is mounted noexec, set TMPDIR to a directory that is not; "
+                            f"else {REBUILD} with this sparsecc and TVM") from None
+    finally:
+        # Unlinking a loaded library is fine: its mapping stays until the process exits.
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_tar_members(copy: Path, original: Path) -> None:
+    # Only plain object files: a link, a path out of the directory or a name the linker reads as an option would
+    # be more than "the library whose hash the manifest pins".
+    try:
+        with tarfile.open(copy) as tar:
+            members = tar.getmembers()
+    except (tarfile.TarError, OSError) as exc:
+        raise ArtifactError(f"{original} is not a readable tar: {exc}; {REBUILD}") from None
+    for member in members:
+        if not member.isreg() or not is_plain_name(member.name) or member.name.startswith(("-", ".")):
+            raise ArtifactError(f"{original} holds {member.name!r}, which is not a plain object file; {REBUILD}")
