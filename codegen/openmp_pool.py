@@ -16,12 +16,14 @@ provides them); without either, kernels stay on TVM's pool and a log line says w
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import functools
 import hashlib
 import logging
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -134,37 +136,111 @@ def _shim(cache_dir: str | None = None) -> ctypes.CDLL | None:
 
 
 _LOADED: list[ctypes.CDLL] = []
+# The shim's own functions: a library at the launcher's path without them is not the launcher.
+_SHIM_FUNCTIONS = ("sparsecc_parallel_launch", "sparsecc_parallel_barrier", "sparsecc_launches", "sparsecc_last_team",
+                   "sparsecc_bind_openmp")
 
 
 def _loaded_shim(cache_dir: str | None) -> ctypes.CDLL:
     # One launcher per process: two copies would each count launches and bind OpenMP on their own.
     if not _LOADED:
-        _LOADED.append(ctypes.CDLL(str(_built_shim(cache_dir))))
+        library = _built_shim(cache_dir)
+        try:
+            shim = _open_shim(library)
+        except OSError as exc:  # passed the file check, yet the loader refuses it: build a fresh one
+            log.warning("openmp: the cached OpenMP launcher %s cannot be loaded (%s); building it again", library, exc)
+            shim = _open_shim(_built_shim(cache_dir, rebuild=True))
+        _LOADED.append(shim)
     return _LOADED[0]
 
 
-def _built_shim(cache_dir: str | None) -> Path:
-    from tvm.support import cc
+def _open_shim(library: Path) -> ctypes.CDLL:
+    shim = ctypes.CDLL(str(library))
+    missing = [name for name in _SHIM_FUNCTIONS if not hasattr(shim, name)]
+    if missing:
+        # Unloaded, or loading the rebuilt file at the same path would hand back this handle again.
+        _ctypes.dlclose(shim._handle)
+        raise OSError(f"{library} lacks {', '.join(missing)}")
+    return shim
 
+
+def _built_shim(cache_dir: str | None, rebuild: bool = False) -> Path:
+    """The launcher's library, from the cache when it is there and whole, else built (`rebuild`: built whatever is
+    there). In the cache directory, else in the temporary directory where the cache cannot be written."""
+    digest = hashlib.sha256(SHIM_SOURCE.encode()).hexdigest()[:16]
+    errors = []
+    for directory in _shim_directories(cache_dir):
+        library = directory / f"launch-{digest}.so"
+        if library.exists() and not rebuild:
+            problem = _damage(library)
+            if problem is None:
+                return library
+            log.warning("openmp: the cached OpenMP launcher %s is damaged (%s); building it again", library, problem)
+        try:
+            _build(directory, library)
+            return library
+        except (OSError, RuntimeError) as exc:  # read-only, full, no compiler (RuntimeError): try the next place
+            log.debug("openmp: cannot build the launcher in %s: %s", directory, exc)
+            errors.append(f"{directory}: {exc}")
+    raise OSError("no writable directory for the OpenMP launcher (" + "; ".join(errors) + ")")
+
+
+def _shim_directories(cache_dir: str | None) -> tuple[Path, Path]:
     from sparsecc.cache import default_cache_dir
 
-    digest = hashlib.sha256(SHIM_SOURCE.encode()).hexdigest()[:16]
-    for directory in (default_cache_dir(cache_dir) / "openmp", Path(tempfile.gettempdir()) / f"sparsecc-{os.getuid()}"):
-        library = directory / f"launch-{digest}.so"
-        if library.exists():
-            return library
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as work:
-                source = Path(work) / "launch.c"
-                source.write_text(SHIM_SOURCE)
-                built = Path(work) / "launch.so"
-                cc.create_shared(str(built), [str(source)], options=["-O2"])
-                os.replace(built, library)  # atomic: a concurrent process sees all of it or none
-            return library
-        except OSError as exc:  # read-only or unwritable: try the next place
-            log.debug("openmp: cannot build the launcher in %s: %s", directory, exc)
-    raise OSError("no writable directory for the OpenMP launcher")
+    return default_cache_dir(cache_dir) / "openmp", Path(tempfile.gettempdir()) / f"sparsecc-{os.getuid()}"
+
+
+def _build(directory: Path, library: Path) -> None:
+    """Compile the launcher in a private temporary directory and rename it into place: a process loading it, or
+    building it at the same time, sees all of one build or none."""
+    from tvm.support import cc
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as work:
+        source = Path(work) / "launch.c"
+        source.write_text(SHIM_SOURCE)
+        built = Path(work) / "launch.so"
+        cc.create_shared(str(built), [str(source)], options=["-O2"])
+        problem = _damage(built)
+        if problem is not None:  # e.g. the disk filled while the linker wrote it
+            raise OSError(f"the compiler wrote a damaged launcher ({problem})")
+        os.replace(built, library)
+
+
+def _damage(library: Path) -> str | None:
+    """Why `library` is not a whole shared library (None where it is): not ELF, or cut short. Loading a cut file
+    can pass dlopen and then crash the process (SIGBUS) on the first access past its end, so this is checked from
+    the ELF headers before loading: every loaded segment and the section table must lie inside the file."""
+    try:
+        with open(library, "rb") as f:
+            data = f.read(1 << 16)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return "not an ELF shared library"
+    wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
+    try:
+        if wide:
+            phoff, shoff = struct.unpack_from(order + "QQ", data, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", data, 0x36)
+        else:
+            phoff, shoff = struct.unpack_from(order + "II", data, 0x1C)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", data, 0x2A)
+        if shoff + shentsize * shnum > size:
+            return f"cut short: {size} bytes, its section table ends at {shoff + shentsize * shnum}"
+        for i in range(phnum):
+            at = phoff + i * phentsize
+            if wide:
+                kind, _, offset, _, _, filesz = struct.unpack_from(order + "IIQQQQ", data, at)
+            else:
+                kind, offset, _, _, filesz = struct.unpack_from(order + "IIIII", data, at)
+            if kind == 1 and offset + filesz > size:  # PT_LOAD
+                return f"cut short: {size} bytes, a segment ends at {offset + filesz}"
+    except struct.error:
+        return "cut short inside its headers"
+    return None
 
 
 def address_of(library: ctypes.CDLL, symbol: str) -> int:

@@ -168,10 +168,17 @@ def tune_tasks(tasks: Sequence[KernelTask], tune: TuneSettings, target: tvm.targ
         total = sum(min(tune.trials, len(candidate_space(t.spec, threads))) for _, t, _, _ in todo)
         update, close = progress_bar(total, "sparsecc tune", "trial")
         try:
-            for i, task, key, record in todo:
+            for done, (i, task, key, record) in enumerate(todo):
                 t0 = time.perf_counter()
-                best, best_us, default_us, n, exhausted = search(task, tune.trials, runner, _knobs_of(record), update,
-                                                                 threads=threads)
+                try:
+                    best, best_us, default_us, n, exhausted = search(task, tune.trials, runner, _knobs_of(record),
+                                                                     update, threads=threads)
+                except Exception as exc:  # a worker or RPC server that died, ...: say what is kept
+                    kept = (f"the {done} kernel(s) tuned before it in this run are stored in {db.path}, so running "
+                            "again measures only the rest" if db.writable else
+                            f"nothing was stored: {db.path} cannot be written")
+                    raise SparseccError(f"tune: tuning {task.spec.name} on {runner.description} failed "
+                                        f"({type(exc).__name__}: {exc}); {kept}") from exc
                 db.put(TuningRecord(key, best.as_dict(), best_us, default_us, n, exhausted, runner.description))
                 results[i] = KernelTuning(task.spec.name, task.layers, best, "tuned", task.spec, key.pattern, best_us,
                                           default_us, n, time.perf_counter() - t0)

@@ -15,9 +15,11 @@ big ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -73,7 +75,7 @@ def machine_model(settings: Settings) -> MachineModel:
         if key in _memo:
             return _memo[key]
         path = _cache_path(settings.cache_dir, key)
-        model = _read(path)
+        model = _read(path, threads)
         if model is None:
             log.info("calibrating the cost model for %s with %d threads (once; stored in %s)", target, threads, path)
             model = calibrate(target, threads)
@@ -86,25 +88,82 @@ def _cache_path(cache_dir: str | None, key: str) -> Path:
     return default_cache_dir(cache_dir) / "machines" / f"{key}.json"
 
 
-def _read(path: Path) -> MachineModel | None:
+def _read(path: Path, threads: int | None = None) -> MachineModel | None:
+    """The calibration stored at `path`, or None: none there, or one that cannot be used (truncated, not JSON, of
+    another shape, for another thread count), which is measured again with a warning naming the file."""
     try:
-        return MachineModel.from_json(path.read_text())
-    except FileNotFoundError:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):  # none stored (NotADirectory: a file where machines/ would be)
         return None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:  # unreadable file, or bytes that are not UTF-8
         log.warning("cost model: ignoring unreadable calibration %s (%s); measuring again", path, exc)
         return None
+    try:
+        model = MachineModel.from_json(text)
+        _check(model, threads)
+    # from_json of arbitrary JSON fails with any of these (a list has no .pop, a number no keys, ...)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("cost model: ignoring unreadable calibration %s (%s: %s); measuring again", path,
+                    type(exc).__name__, exc)
+        return None
+    return model
+
+
+def _check(model: MachineModel, threads: int | None) -> None:
+    """ValueError where a stored model is not one `calibrate` could have written: JSON of the right keys can still
+    hold strings, negative or non-finite figures, which would make every prediction (and so the plan) wrong."""
+    def figure(name: str, value, positive: bool = False) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                value <= 0 if positive else value < 0):
+            raise ValueError(f"{name} is {value!r}, not a {'positive' if positive else 'non-negative'} number")
+
+    if model.calibrated is not True or not isinstance(model.description, str):
+        raise ValueError("not a calibration")
+    for name in ("threads", "lanes", "l2_bytes"):
+        if not isinstance(getattr(model, name), int):
+            raise ValueError(f"{name} is {getattr(model, name)!r}, not an integer")
+        figure(name, getattr(model, name), positive=True)
+    if threads is not None and model.threads != threads:
+        raise ValueError(f"measured with {model.threads} threads, not {threads}")
+    for name in ("bandwidth", "dense_rate"):
+        points = getattr(model, name)
+        if not points or any(len(p) != 2 for p in points):
+            raise ValueError(f"{name} is not a list of (size, rate) pairs")
+        for x, y in points:
+            figure(name, x, positive=True)
+            figure(name, y, positive=True)
+        if any(a[0] >= b[0] for a, b in zip(points, points[1:])):
+            raise ValueError(f"{name} is not in increasing order")
+    for name in ("dense_overhead", "launch", "transpose", "output", "spill"):
+        figure(name, getattr(model, name))
+    if not isinstance(model.blocks, dict) or not model.blocks:
+        raise ValueError("no block coefficients")
+    for key, coefficients in model.blocks.items():
+        for field in dataclasses.fields(coefficients):
+            figure(f"blocks[{key}].{field.name}", getattr(coefficients, field.name))
 
 
 def _write(path: Path, model: MachineModel) -> None:
+    """Store `model` at `path` whole or not at all: written to a temporary file beside it, flushed to disk, then
+    renamed over it, so a process killed (or a disk filling) mid-write never leaves half a calibration there."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(model.to_json())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache costs a calibration per process, nothing else
-        log.warning("cost model: could not store the calibration in %s: %s", path, exc)
+        tmp = None
+    except OSError as exc:  # a read-only or full cache costs a calibration per process, nothing else
+        log.warning("cost model: could not store the calibration in %s (%s); each process will measure it again. "
+                    "Make %s writable, with free space, or set SPARSECC_CACHE_DIR (the cache_dir option) to a "
+                    "directory that is.", path, exc, path.parent)
+    finally:
+        if tmp is not None:  # the half-written temporary file, not left to fill the disk further
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------------ measurement
