@@ -278,3 +278,35 @@ def test_rpc_loopback_tracker_and_server(tmp_path, monkeypatch):
     x = torch.randn(37, 96)
     torch.testing.assert_close(run_with_knobs(x, w, bias, (1, 1), result.knobs), x @ w.t() + bias,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_rpc_server_that_goes_away_mid_tuning_ends_with_a_clear_error(tmp_path, monkeypatch):
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    tracker = Tracker(host="127.0.0.1", port=19190, port_end=19290, silent=True)
+    server = rpc.Server(host="127.0.0.1", port=19300, port_end=19400, tracker_addr=("127.0.0.1", tracker.port),
+                        key="sparsecc-test", silent=True)
+    real_search = knob_search.search
+    searches = []
+
+    def search_then_stop_the_server(*args, **kwargs):
+        searches.append(args[0].spec.name)
+        if len(searches) == 2:
+            server.terminate()  # the server dies as the second kernel's search starts
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(knob_search, "search", search_then_stop_the_server)
+    tasks = [tuning.KernelTask.from_weight(sparse_weight(32, 48, 0.1, seed), 8) for seed in (1, 2)]
+    options = {"trials": 2, "rpc": {"tracker": f"127.0.0.1:{tracker.port}", "key": "sparsecc-test"}}
+    try:
+        with pytest.raises(SparseccError) as info:
+            tuning.tune_weights(tasks, options, Settings(cache_dir=str(tmp_path), num_threads=2))
+    finally:
+        server.terminate()
+        tracker.terminate()
+    message = str(info.value)
+    assert searches[1] in message and "stopped answering" in message and "1 kernel(s) tuned before it" in message
+    (stored,) = TuningDatabase(tmp_path).records()  # the first kernel's result, and nothing of the second
+    assert stored.trials == 2 and stored.measured_on.startswith("rpc:")

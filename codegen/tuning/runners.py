@@ -130,6 +130,22 @@ class _Device:
         return result
 
 
+class DeviceLost(SparseccError):
+    """An RPC server went away in the middle of a measurement: the search stops (what it measured of that kernel
+    is not stored as if the search had finished)."""
+
+
+def _alive(dev: _Device) -> bool:
+    """Whether `dev` still answers: a candidate that failed leaves its session working, a dead server does not."""
+    if dev.session is None:
+        return True  # this process
+    try:
+        dev.session.get_function("runtime.NumThreads")()
+    except Exception:  # noqa: BLE001  (any failure to answer means the session is unusable)
+        return False
+    return True
+
+
 class Runner:
     """Measures candidates of one task on its devices; more than one device measure in parallel threads."""
 
@@ -181,6 +197,9 @@ class Runner:
                     return None
                 return dev.time_us(cand)
             except Exception as exc:  # a candidate that fails to load or run is dropped, not fatal
+                if not _alive(dev):  # ... unless the server is gone: every later candidate would "fail" too
+                    raise DeviceLost(f"the RPC server behind {dev.name} stopped answering ({type(exc).__name__}: "
+                                     f"{exc})") from exc
                 log.warning("tune: %s with %s failed on %s: %s", task.spec.name, cand.knobs, dev.name, exc)
                 return None
 
