@@ -67,34 +67,58 @@ def describe_weight(name: str, tensor: torch.Tensor, right: bool, uses: tuple[We
                     threads: int) -> WeightSparsity:
     """What analysis records of one weight. `right`: the weight is stored (in, out), as x @ W takes it."""
     matrix = (tensor.t() if right else tensor) if tensor.dim() == 2 else None
-    per_row = (matrix != 0).sum(dim=1) if matrix is not None else None
+    nonzero = nonzero_mask(matrix) if matrix is not None else None
+    per_row = nonzero.sum(dim=1) if nonzero is not None else None
     return WeightSparsity(
         name=name,
         shape=tuple(tensor.shape),
         dtype=str(tensor.dtype).removeprefix("torch."),
-        nnz=int(torch.count_nonzero(tensor)),
+        nnz=int(per_row.sum()) if per_row is not None else int(torch.count_nonzero(tensor)),
         source_layout=source_layout,
         uses=uses,
-        blocks=block_stats(matrix, threads) if matrix is not None else (),
-        nm=nm_stats(matrix) if matrix is not None else (),
+        blocks=block_stats(nonzero, threads) if nonzero is not None else (),
+        nm=nm_stats(nonzero) if nonzero is not None else (),
         matrix=tuple(matrix.shape) if matrix is not None else (),
         imbalance=imbalance(per_row, (1, 1), threads) if per_row is not None else 1.0,
         row_max=int(per_row.max()) if per_row is not None and len(per_row) else 0,
     )
 
 
+def nonzero_mask(matrix: torch.Tensor) -> torch.Tensor:
+    """Where `matrix` is non-zero, row-major whatever the matrix's own strides (the statistics below need it)."""
+    return (matrix != 0).contiguous()
+
+
 def block_stats(matrix: torch.Tensor, threads: int = 1) -> tuple[BlockStats, ...]:
-    """Non-empty blocks of each shape in BLOCK_SHAPES that divides the (out, in) matrix, counted without loops."""
+    """Non-empty blocks of each shape in BLOCK_SHAPES that divides the (out, in) matrix (or its non-zero mask)."""
     n, k = matrix.shape
-    nonzero = matrix != 0
+    nonzero = matrix if matrix.dtype == torch.bool and matrix.is_contiguous() else nonzero_mask(matrix)
     return tuple(block_stat(nonzero, r, c, threads) for r, c in BLOCK_SHAPES if not (n % r or k % c))
 
 
 def block_stat(nonzero: torch.Tensor, r: int, c: int, threads: int = 1) -> BlockStats:
     """Non-empty r x c blocks of a boolean (out, in) mask whose sides r and c divide, and their thread balance."""
-    n, k = nonzero.shape
-    occupied = nonzero.reshape(n // r, r, k // c, c).any(dim=3).any(dim=1)
+    occupied = occupied_blocks(nonzero, r, c)
     return BlockStats(r, c, int(occupied.sum()), occupied.numel(), imbalance(occupied.sum(dim=1), (r, c), threads))
+
+
+# c booleans read as one integer: non-zero exactly when one of them is set.
+_AS_ONE_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def occupied_blocks(nonzero: torch.Tensor, r: int, c: int) -> torch.Tensor:
+    """(out / r, in / c) booleans: which r x c blocks of the mask hold a non-zero. A max over the r rows of a block
+    (a middle dimension: vectorised along the columns) and the c columns read as one integer; any() over a short
+    innermost dimension ran one element at a time, and made analysis most of a warm BERT-base compile."""
+    n, k = nonzero.shape
+    rows = nonzero.contiguous().view(torch.uint8)
+    if r > 1:
+        rows = rows.view(n // r, r, k).amax(dim=1)
+    if c == 1:
+        return rows.bool()
+    if c in _AS_ONE_INTEGER:  # through 1-D: a size-1 dim may carry any stride, which a dtype view refuses
+        return (rows.reshape(-1).view(_AS_ONE_INTEGER[c]) != 0).view(n // r, k // c)
+    return rows.view(n // r, k // c, c).amax(dim=2).bool()
 
 
 def imbalance(per_block_row: torch.Tensor, block: tuple[int, int], threads: int) -> float:
@@ -126,9 +150,21 @@ def _tokens(node: fx.Node, w: torch.Tensor, pos: int) -> int:
 
 
 def nm_stats(matrix: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    """(most non-zeros in any group of m consecutive inputs, m) for each m in NM_GROUPS dividing the in dimension."""
+    """(most non-zeros in any group of m consecutive inputs, m) for each m in NM_GROUPS dividing the in dimension, of
+    the (out, in) matrix or its non-zero mask."""
     n, k = matrix.shape
-    return tuple((int((matrix != 0).reshape(n, k // m, m).sum(dim=2).max()), m) for m in NM_GROUPS if k % m == 0)
+    nonzero = (matrix if matrix.dtype == torch.bool else matrix != 0).view(torch.uint8)
+    stats = []
+    for m in NM_GROUPS:
+        if k % m:
+            continue
+        # The m strided columns added up (uint8 holds m <= 255): element-wise and vectorised, where a sum over a
+        # short innermost dimension is not.
+        counts = nonzero[:, 0::m].clone()
+        for i in range(1, m):
+            counts += nonzero[:, i::m]
+        stats.append((int(counts.max()) if counts.numel() else 0, m))
+    return tuple(stats)
 
 
 def as_matrix(tensor: torch.Tensor, w: WeightSparsity) -> torch.Tensor:

@@ -75,7 +75,7 @@ def plan_formats(gm: fx.GraphModule, settings: Settings, pricing: Pricing | Mach
         try:
             for name, w in weights.items():
                 choices[name] = choose_format(w, settings, pricing.machine,
-                                              _timing(timer, as_matrix(tensors[name], w), _tokens(w), w.name))
+                                              _timing(timer, as_matrix(tensors[name], w), w))
                 update(1, name)
         finally:
             close()
@@ -89,12 +89,13 @@ def plan_formats(gm: fx.GraphModule, settings: Settings, pricing: Pricing | Mach
     return SparsePlan(choices=choices, weights=weights, machine=described)
 
 
-def _timing(timer, matrix, tokens: list[int], label: str) -> Callable[[list[str]], dict[str, float] | None]:
+def _timing(timer, matrix, w: WeightSparsity) -> Callable[[list[str]], dict[str, float] | None]:
     def measure(names: list[str]) -> dict[str, float] | None:
         try:
-            return timer.seconds(matrix, tokens, names)
+            return timer.seconds(matrix, _tokens(w), names, w)
         except Exception as exc:  # a kernel that fails to build or run here: the predictions still stand
-            log.warning("plan: timing %s for %s failed (%s); choosing from predictions", ", ".join(names), label, exc)
+            log.warning("plan: timing %s for %s failed (%s); choosing from predictions", ", ".join(names), w.name,
+                        exc)
             return None
 
     return measure

@@ -9,7 +9,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from sparsecc.planning.cost_model import REFERENCE
 from sparsecc.errors import OptionError
 from sparsecc.formats import BlockStats, FormatChoice, SparseFormat, SparsePlan, WeightSparsity, WeightUse
-from sparsecc.passes.analyze_weights import analysed_weights, analyze_weights, block_stats, describe_weight, nm_stats
+from sparsecc.passes.analyze_weights import (analysed_weights, analyze_weights, block_stats, describe_weight, nm_stats,
+                                            nonzero_mask, occupied_blocks)
 from sparsecc.passes.fold_constants import fold_constants
 from sparsecc.passes.plan_formats import choose_format, plan_formats
 from sparsecc.settings import Settings
@@ -258,3 +259,18 @@ def test_ell_is_offered_where_padding_rows_costs_little():
 
     measured = choose_format(even, Settings(cost_model="measured"), REFERENCE, measure)
     assert "ell" in asked[0] and measured.format is SparseFormat.ELL and "ell measured at 0.28x" in measured.reason
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.sampled_from([1, 2, 4, 8, 16]), st.sampled_from([1, 2, 3, 4, 8]), st.integers(1, 6), st.integers(1, 6),
+       st.floats(0.0, 1.0), st.booleans(), st.integers(0, 2**16))
+def test_block_and_nm_statistics_match_a_loop_over_the_blocks(r, c, rows, cols, density, transposed, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows * r, cols * c, generator=g) * (torch.rand(rows * r, cols * c, generator=g) < density)
+    matrix = w.t().contiguous().t() if transposed else w  # a transposed view, as a right operand arrives
+    occupied = occupied_blocks(nonzero_mask(matrix), r, c)
+    expected = [[bool((w[i * r:(i + 1) * r, j * c:(j + 1) * c] != 0).any()) for j in range(cols)] for i in range(rows)]
+    assert occupied.tolist() == expected
+    for most, m in nm_stats(matrix):
+        groups = [int((w[i, j:j + m] != 0).sum()) for i in range(w.shape[0]) for j in range(0, w.shape[1], m)]
+        assert most == max(groups)

@@ -220,3 +220,16 @@ def test_like_pruned_weights_share_a_timing_and_others_do_not(tmp_path, monkeypa
     assert len(timed) == count and timer.reused == 3
     timer.seconds(make_weight(Layer(768, 768, 128, 0.8, "random"), seed=3), [128], ["dense", "csr"])
     assert timed[count:].count("csr") >= 1 and "dense" not in timed[count:]  # twice the blocks: timed again
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_work_signature_from_analysis_equals_counting_again(right):
+    from sparsecc.passes.analyze_weights import describe_weight
+    from sparsecc.planning.candidate_timing import work_signature
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=g) * (torch.rand(96, 64, generator=g) < 0.2)
+    w[5] = 0  # an empty row
+    analysed = describe_weight("w", w.t().contiguous() if right else w, right, (), "strided", 2)
+    for name in ("csr", "ell", "bsr4x1", "bsr1x4", "bsr8x8", "bsr16x1", "bsr2x2"):
+        assert work_signature(w, name, 2, analysed) == work_signature(w, name, 2), name

@@ -109,3 +109,20 @@ def test_blocks_that_do_not_tile_the_weight_are_refused():
     with pytest.raises(ValueError, match="does not split into 1x4"):
         unpack_blocks(torch.zeros(2, dtype=torch.int32), torch.zeros(0, dtype=torch.int16),
                       torch.zeros(0, 1, 4), (1, 6))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(n_blocks=st.integers(1, 24), k_blocks=st.integers(1, 24), block=st.sampled_from(BLOCKS),
+       kind=st.sampled_from(KINDS), density=st.floats(0.0, 1.0), seed=st.integers(0, 10_000))
+def test_packed_arrays_are_torchs_block_sparse_arrays(n_blocks, k_blocks, block, kind, density, seed):
+    import warnings
+
+    w = blocked_weight(n_blocks, k_blocks, block, kind, density, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = w.to_sparse_csr() if block == (1, 1) else w.to_sparse_bsr(block)
+    indptr, columns, values = pack_blocks(w, block)
+    assert indptr.dtype == torch.int32 and columns.dtype == torch.int16
+    assert torch.equal(indptr, reference.crow_indices().to(torch.int32))
+    assert torch.equal(columns, reference.col_indices().to(torch.int16))
+    assert torch.equal(values, reference.values().reshape(-1, *block))

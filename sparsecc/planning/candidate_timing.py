@@ -55,19 +55,35 @@ def candidate_seconds(kernels, matrix: torch.Tensor, tokens: int, name: str) -> 
     return kernels.seconds(matrix, tokens, candidate_block(name), ell=name == ELL_CANDIDATE)[0]
 
 
-def work_signature(matrix: torch.Tensor, name: str, threads: int) -> str:
+def work_signature(matrix: torch.Tensor, name: str, threads: int, analysed=None) -> str:
     """The work candidate `name`'s kernel does on `matrix` (out, in), coarse enough that weights of the same shape
-    pruned alike share it: stored blocks (log buckets of WORK_STEP) and the busiest thread's share over the mean."""
-    from sparsecc.packing import ell_stored_blocks
-    from sparsecc.passes.analyze_weights import block_stat
-
-    stats = block_stat(matrix != 0, *candidate_block(name), threads)
-    blocks, spread = stats.blocks, stats.imbalance
-    if name == ELL_CANDIDATE:  # padded rows: the stored count is the longest row's times the rows, evenly shared
-        blocks, spread = ell_stored_blocks((matrix != 0).sum(dim=1)), 1.0
+    pruned alike share it: stored blocks (log buckets of WORK_STEP) and the busiest thread's share over the mean.
+    `analysed`: the matrix's WeightSparsity, analysed for `threads`; its statistics are used where they cover the
+    candidate (counting again cost most of a warm compile's plan)."""
+    blocks, spread = _stored_work(matrix, name, threads, analysed)
     bucket = round(math.log(blocks) / math.log(WORK_STEP)) if blocks else -1
     balance = round(spread / BALANCE_STEP) * BALANCE_STEP
     return f"work:{bucket}:{balance:.2f}"
+
+
+def _stored_work(matrix: torch.Tensor, name: str, threads: int, analysed) -> tuple[int, float]:
+    """(blocks candidate `name` stores for `matrix`, its threads' imbalance)."""
+    from sparsecc.packing import ell_stored_blocks
+    from sparsecc.passes.analyze_weights import block_stat
+
+    if name == ELL_CANDIDATE:  # padded rows: the stored count is the longest row's times the rows, evenly shared
+        if analysed is not None:
+            return analysed.row_max * matrix.shape[0], 1.0
+        return ell_stored_blocks((matrix != 0).sum(dim=1)), 1.0
+    block = candidate_block(name)
+    if analysed is not None:
+        if block == (1, 1):
+            return analysed.nnz, analysed.imbalance
+        for stats in analysed.blocks:
+            if (stats.rows, stats.cols) == block:
+                return stats.blocks, stats.imbalance
+    stats = block_stat(matrix != 0, *block, threads)
+    return stats.blocks, stats.imbalance
 
 
 class CandidateTimer:
@@ -89,9 +105,11 @@ class CandidateTimer:
         self.timed = 0
         self.reused = 0
 
-    def seconds(self, matrix: torch.Tensor, tokens: Sequence[int], candidates: Sequence[str]) -> dict[str, float]:
-        """Measured seconds of each candidate for `matrix` (out, in) summed over its uses' token counts."""
-        work = {name: "any" if name == "dense" else work_signature(matrix, name, self.threads)
+    def seconds(self, matrix: torch.Tensor, tokens: Sequence[int], candidates: Sequence[str],
+                analysed=None) -> dict[str, float]:
+        """Measured seconds of each candidate for `matrix` (out, in) summed over its uses' token counts. `analysed`:
+        the matrix's WeightSparsity, when the caller has it."""
+        work = {name: "any" if name == "dense" else work_signature(matrix, name, self.threads, analysed)
                 for name in candidates}
         keys = {(name, t): self._key(matrix, work[name], t, name) for name in candidates for t in tokens}
         known: dict[tuple[str, int], float] = {}
