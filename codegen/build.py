@@ -6,6 +6,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import tvm
@@ -45,22 +46,33 @@ def uses_openmp(settings: Settings) -> bool:
     return openmp_available(settings.cache_dir)
 
 
-def virtual_machine(executable: tvm.runtime.Executable, settings: Settings) -> relax.VirtualMachine:
-    """A VM of the executable. On PyTorch's OpenMP threads the executable goes through a library file (deleted
-    once loaded): only a loaded library's launcher pointer can be redirected."""
-    if uses_openmp(settings):
+def virtual_machine(executable: tvm.runtime.Executable, settings: Settings,
+                    keep: Callable[[Path], None] | None = None) -> relax.VirtualMachine:
+    """A VM of the executable. On PyTorch's OpenMP threads, or when `keep(library)` wants the library file (the
+    kernel cache), the executable goes through a library file (deleted once loaded): only a loaded library's
+    launcher pointer can be redirected."""
+    if uses_openmp(settings) or keep is not None:
         with tempfile.TemporaryDirectory(prefix="sparsecc-vm-") as work:
             library = Path(work) / "regions.so"
             start = time.perf_counter()
             try:
                 executable.export_library(str(library))
-                module = tvm.runtime.load_module(str(library))
+                _, vm = library_vm(library, settings)
             except Exception as exc:  # noqa: BLE001  (any failure here leaves the in-memory path)
                 log.info("build: could not load the regions as a library (%s: %s); kernels use TVM's thread pool",
                          type(exc).__name__, exc)
             else:
-                if redirect_parallel_launch(library, settings.cache_dir):
-                    log.info("build: kernels run on PyTorch's OpenMP threads (library written and loaded in %.2f s)",
-                             time.perf_counter() - start)
-                return relax.VirtualMachine(module, tvm.cpu())
+                log.info("build: regions written and loaded as a library in %.2f s", time.perf_counter() - start)
+                if keep is not None:
+                    keep(library)
+                return vm
     return relax.VirtualMachine(executable, tvm.cpu())
+
+
+def library_vm(library: Path, settings: Settings) -> tuple[tvm.runtime.Module, relax.VirtualMachine]:
+    """The loaded region library file and a VM of it, its kernels on PyTorch's OpenMP threads when `settings` say
+    so."""
+    module = tvm.runtime.load_module(str(library))
+    if uses_openmp(settings) and redirect_parallel_launch(library, settings.cache_dir):
+        log.info("build: kernels run on PyTorch's OpenMP threads")
+    return module, relax.VirtualMachine(module, tvm.cpu())

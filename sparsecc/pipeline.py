@@ -95,6 +95,9 @@ class Partitioned(Rewritten):
 class Lowered(Partitioned):
     irmodule: Any  # tvm.IRModule of all regions
     tuning: Any  # codegen.tuning.TuningReport, with the `tune` option
+    kernel_key: str | None  # the regions' key in the kernel cache (codegen/kernel_cache.py); None: not cached
+    cached_library: bytes | None  # the library the kernel cache held for them (checked), to load instead of building
+    kernels_from_cache: bool  # lowering and the build were skipped: the kernel cache had these regions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +200,30 @@ def _lower(p: Partitioned, settings: Settings) -> Lowered:
         from sparsecc.codegen.tuning import tune_graph
 
         tuning = tune_graph(p.gm, settings)
-    return _advance(p, Lowered, irmodule=lower_graph(p.gm, settings), tuning=tuning)
+    from sparsecc.codegen import kernel_cache
+
+    key = _kernel_key(p.gm, settings)
+    cached = kernel_cache.load(key, settings) if key is not None else None
+    if cached is not None:
+        return _advance(p, Lowered, irmodule=cached.irmodule, tuning=tuning, kernel_key=key,
+                        cached_library=cached.library, kernels_from_cache=True)
+    return _advance(p, Lowered, irmodule=lower_graph(p.gm, settings), tuning=tuning, kernel_key=key,
+                    cached_library=None, kernels_from_cache=False)
+
+
+def _kernel_key(gm: fx.GraphModule, settings: Settings) -> str | None:
+    from sparsecc.codegen import kernel_cache
+    from sparsecc.codegen.importer import region_nodes
+    from sparsecc.codegen.targets import runs_here, target_of
+
+    target = target_of(settings)
+    if not region_nodes(gm) or not runs_here(target):
+        return None
+    return kernel_cache.region_key(gm, settings, target)
 
 
 def _build(p: Lowered, settings: Settings) -> Built:
+    from sparsecc.codegen import kernel_cache
     from sparsecc.codegen.build import build, virtual_machine
     from sparsecc.codegen.executable import TvmRegion
     from sparsecc.codegen.importer import region_nodes, region_weights
@@ -209,18 +232,40 @@ def _build(p: Lowered, settings: Settings) -> Built:
     regions = region_nodes(p.gm)
     if not regions:
         return _advance(p, Built, executable=None, target=None, vm=None, regions=())
-    executable, target = build(p.irmodule, settings)
     names = tuple(call.target for call in regions)
-    if not runs_here(target):
-        log.info("build: target %s is not this machine; regions are built but not loaded", settings.target)
-        return _advance(p, Built, executable=executable, target=target, vm=None, regions=names)
-    vm = virtual_machine(executable, settings)
+    if p.cached_library is not None:
+        executable, target, vm = _cached_vm(p.cached_library, settings)
+    else:
+        executable, target = build(p.irmodule, settings)
+        if not runs_here(target):
+            log.info("build: target %s is not this machine; regions are built but not loaded", settings.target)
+            return _advance(p, Built, executable=executable, target=target, vm=None, regions=names)
+        keep = None if p.kernel_key is None else (
+            lambda library: kernel_cache.store(p.kernel_key, settings, p.irmodule, library))
+        vm = virtual_machine(executable, settings, keep)
     vm_lock = threading.Lock()
     for call in regions:
         sub = p.gm.get_submodule(call.target)
         weights = {name: getattr(sub, name) for name in region_weights(sub)}
         setattr(p.gm, call.target, TvmRegion(vm[call.target], call.target, weights, vm_lock))
     return _advance(p, Built, executable=executable, target=target, vm=vm, regions=names)
+
+
+def _cached_vm(library: bytes, settings: Settings) -> tuple[Any, Any, Any]:
+    """(module, target, VM) of a library from the kernel cache, loaded from this compile's own copy of it."""
+    import tempfile
+    from pathlib import Path
+
+    from sparsecc.codegen import kernel_cache
+    from sparsecc.codegen.build import library_vm
+    from sparsecc.codegen.targets import configure_threads, target_of
+
+    configure_threads(settings.threads)
+    with tempfile.TemporaryDirectory(prefix="sparsecc-kernels-") as work:
+        copy = Path(work) / kernel_cache.LIBRARY
+        copy.write_bytes(library)
+        module, vm = library_vm(copy, settings)
+        return module, target_of(settings), vm
 
 
 STAGE_FUNCS: tuple[tuple[str, Callable[[Any, Settings], Any]], ...] = (
@@ -257,6 +302,7 @@ class PipelineResult:
     sparse_ops: int = 0
     irmodule: Any = None
     tuning: Any = None
+    kernels_from_cache: bool = False  # lowering and the build skipped (codegen/kernel_cache.py)
     executable: Any = None
     target: Any = None
     vm: Any = None

@@ -250,6 +250,9 @@ class Settings:
     min_gain: float = 1.0
     # Directory of sparsecc's on-disk cache (the tuning database); None: $SPARSECC_CACHE_DIR, else ~/.cache/sparsecc.
     cache_dir: str | None = None
+    # Keep built regions under `cache_dir` and load them when a compile builds the same regions again (same code,
+    # shapes and packed weights; codegen/kernel_cache.py). False: lower and build every time.
+    cache_kernels: bool = True
 
     def __post_init__(self) -> None:
         """Check every field, however the settings were made (options, `Settings(...)`, `dataclasses.replace`), and

@@ -90,7 +90,8 @@ def compile_program(program: ExportedProgram, inputs: Sequence[torch.Tensor], se
     source = program.graph_module
 
     def run(s: Settings) -> PipelineResult:
-        return run_pipeline(source, values, s, names)
+        # Always built: the artifact needs the executable itself, which a library from the kernel cache is not.
+        return run_pipeline(source, values, dataclasses.replace(s, cache_kernels=False), names)
 
     try:
         return run(settings)
