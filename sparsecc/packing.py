@@ -34,10 +34,10 @@ def pack_blocks(weight: torch.Tensor, block: tuple[int, int] = (1, 1)) -> tuple[
     indptr = torch.zeros(n // r + 1, dtype=torch.int32)
     torch.cumsum(occupied.sum(dim=1), dim=0, out=indptr[1:])
     column_dtype = torch.int16 if k // c <= torch.iinfo(torch.int16).max else torch.int32
-    columns = occupied.nonzero()[:, 1].to(column_dtype)
-    values = w.view(n // r, r, k // c, c).transpose(1, 2)[occupied]  # (stored blocks, r, c), row-major blocks
-    # An empty selection comes with strides (1, 0, 0), which TVM refuses as not compact.
-    return indptr, columns, values if len(values) else values.new_zeros(0, r, c)
+    stored = occupied.view(-1).nonzero().squeeze(1)  # flat block numbers, row-major: one scan for both arrays
+    columns = (stored % (k // c)).to(column_dtype)
+    blocks = w.view(-1, 1, 1) if block == (1, 1) else w.view(n // r, r, k // c, c).transpose(1, 2).reshape(-1, r, c)
+    return indptr, columns, blocks.index_select(0, stored)
 
 
 def pack_ell(weight: torch.Tensor, block: tuple[int, int] = (1, 1)) -> tuple[torch.Tensor, ...]:
