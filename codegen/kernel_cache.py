@@ -45,6 +45,8 @@ DIRECTORY = "kernels"
 LIBRARY = "regions.so"
 IRMODULE = "irmodule.json"
 ENTRY = "entry.json"
+# Entries kept; past this the least recently used go (a BERT-base entry is about 2 MB, so the cache stays small).
+MAX_ENTRIES = 64
 # Settings that never reach lowering or the build: they need not split the cache.
 _UNUSED_BY_LOWERING = ("cache_dir", "verify", "on_failure", "on_weight_change", "dense_backend", "stop_after",
                        "prune", "cache_kernels")
@@ -100,6 +102,10 @@ def load(key: str, settings: Settings) -> CachedRegions | None:
     except Exception as exc:  # noqa: BLE001  (whatever is wrong with an entry, building again is the cure)
         _discard(entry, f"{type(exc).__name__}: {exc}")
         return None
+    try:
+        os.utime(entry)  # recently used: the last to be evicted
+    except OSError:
+        pass  # a read-only cache still serves its entries
     log.info("lower: regions read from the kernel cache (%s)", entry)
     return CachedRegions(irmodule, library)
 
@@ -124,6 +130,7 @@ def store(key: str, settings: Settings, irmodule: tvm.IRModule, library: Path) -
                 os.fsync(handle.fileno())
         os.rename(tmp, entry)
         tmp = None
+        _evict(root)
     except OSError as exc:
         if not (entry / ENTRY).exists():  # another process may have stored the same entry first: nothing lost
             _warn_once(str(root), f"sparsecc: cannot store built kernels in {root} ({exc.strerror or exc}); "
@@ -131,6 +138,19 @@ def store(key: str, settings: Settings, irmodule: tvm.IRModule, library: Path) -
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _evict(root: Path) -> None:
+    """Remove the least recently used entries past MAX_ENTRIES (another process may be evicting too: best effort)."""
+    kept = []
+    for entry in root.iterdir():
+        try:
+            if not entry.name.startswith("."):
+                kept.append((entry.stat().st_mtime, entry))
+        except OSError:
+            continue
+    for _, entry in sorted(kept)[:max(0, len(kept) - MAX_ENTRIES)]:
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _partial_entry(root: Path, key: str) -> Path:

@@ -109,3 +109,14 @@ def calibrated_cache_dir(tmp_path, isolated_cache, session_calibration):
     calibrating again costs a minute per test or subprocess)."""
     shutil.copytree(isolated_cache / "machines", tmp_path / "cache" / "machines")
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def quick_timing(monkeypatch):
+    """Short kernel timings for tests of what tuning does rather than how well it ranks kernels."""
+    from sparsecc.codegen.tuning import knob_search, runners
+
+    monkeypatch.setattr(runners, "MIN_REPEAT_MS", 1)
+    monkeypatch.setattr(runners, "REPEAT", 2)
+    monkeypatch.setattr(knob_search, "CONFIRM_ROUNDS", 1)
+    monkeypatch.setattr(runners, "CONTEXT_RUNS", 3)

@@ -41,13 +41,8 @@ ROOT = os.geteuid() == 0
 TUNED = {**TEST_OPTIONS, "min_weight_numel": 1, "on_failure": "raise", "tune": {"trials": 2}}
 
 
-@pytest.fixture(autouse=True)
-def quick_timing(monkeypatch):
-    """Short timings: these tests check what survives a fault, not how well tuning ranks kernels."""
-    monkeypatch.setattr(runners, "MIN_REPEAT_MS", 1)
-    monkeypatch.setattr(runners, "REPEAT", 2)
-    monkeypatch.setattr(knob_search, "CONFIRM_ROUNDS", 1)
-    monkeypatch.setattr(runners, "CONTEXT_RUNS", 3)
+# Short timings: these tests check what tuning does and what survives a fault, not how well it ranks kernels.
+pytestmark = pytest.mark.usefixtures("quick_timing")
 
 
 def sparse_model() -> torch.nn.Module:

@@ -2,6 +2,7 @@
 built; anything that changes the regions builds again; a damaged entry is removed with one warning and rebuilt; an
 unwritable cache only costs the build."""
 
+import os
 import warnings
 from pathlib import Path
 
@@ -117,3 +118,14 @@ def test_export_builds_its_own_library(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     assert loaded.region_calls == 1
+
+
+def test_least_recently_used_entries_are_evicted(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_cache, "MAX_ENTRIES", 2)
+    for seed in (0, 1):
+        compile_and_check(pruned_mlp(seed), tmp_path)
+    first, second = sorted(entries(tmp_path), key=lambda e: e.stat().st_mtime)
+    os.utime(first, (second.stat().st_mtime + 1,) * 2)  # seed 0's entry used last
+    compile_and_check(pruned_mlp(2), tmp_path)
+    left = entries(tmp_path)
+    assert len(left) == 2 and first in left and second not in left
