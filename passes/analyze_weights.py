@@ -1,4 +1,4 @@
-"""Analysis: find each constant weight that feeds a matrix product and record its sparsity.
+"""Analysis: find each constant weight that feeds a matrix product or a convolution and record its sparsity.
 
 Operands are matched in either position: nn.Linear becomes `addmm(bias, x, W^T)` with the weight on the
 right, transformers' GPT-2 Conv1D is `addmm(bias, x, W)` with an (in, out) weight, and `W @ x` puts it
@@ -16,6 +16,7 @@ from sparsecc.kernel_work import ROWS_PER_TASK, task_count, task_spans, work_pre
 from sparsecc.formats import BlockStats, WeightSparsity, WeightUse
 from sparsecc.passes.fold_constants import LAYOUT, ORIGIN
 from sparsecc.passes.graph_utils import constant_of
+from sparsecc.passes.pointwise_conv import CONVOLUTION, POINTWISE_USE, why_not_pointwise
 from sparsecc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
                 uses.setdefault(arg, []).append(WeightUse(str(node.target), pos, node.name, _tokens(node, weight, pos)))
                 right.setdefault(arg, (node.target, pos) in RIGHT_OPERANDS)
 
+        if node.op == "call_function" and node.target is CONVOLUTION and isinstance(node.args[1], fx.Node):
+            _add_convolution_use(gm, node, uses, right)
+
     threads = settings.threads
     for node, node_uses in uses.items():
         tensor = constant_of(gm, node)
@@ -63,10 +67,32 @@ def analyze_weights(gm: fx.GraphModule, settings: Settings) -> fx.GraphModule:
     return gm
 
 
+def _add_convolution_use(gm: fx.GraphModule, node: fx.Node, uses: dict, right: dict) -> None:
+    weight = node.args[1]
+    tensor = constant_of(gm, weight)
+    if tensor is None or tensor.dim() < 3:
+        return
+    # A 1x1 convolution sparsecc multiplies as a matrix product, or another one (which the plan keeps dense).
+    op = POINTWISE_USE if why_not_pointwise(node, tensor) is None else str(CONVOLUTION)
+    out = node.meta.get("val")
+    tokens = int(out.numel()) // int(tensor.shape[0]) if isinstance(out, torch.Tensor) else 0
+    uses.setdefault(weight, []).append(WeightUse(op, 1, node.name, tokens))
+    right.setdefault(weight, False)
+
+
+def convolution_only(uses: tuple[WeightUse, ...]) -> bool:
+    """Every use of the weight is a convolution: analysis sees it as the (out, in * kh * kw) matrix."""
+    return bool(uses) and all(u.op in (POINTWISE_USE, str(CONVOLUTION)) for u in uses)
+
+
 def describe_weight(name: str, tensor: torch.Tensor, right: bool, uses: tuple[WeightUse, ...], source_layout: str,
                     threads: int) -> WeightSparsity:
-    """What analysis records of one weight. `right`: the weight is stored (in, out), as x @ W takes it."""
-    matrix = (tensor.t() if right else tensor) if tensor.dim() == 2 else None
+    """What analysis records of one weight. `right`: the weight is stored (in, out), as x @ W takes it. A
+    convolution's weight (out, in / groups, kh, kw) is the matrix (out, in / groups * kh * kw)."""
+    if tensor.dim() > 2 and convolution_only(uses):
+        matrix = tensor.reshape(tensor.shape[0], -1)
+    else:
+        matrix = (tensor.t() if right else tensor) if tensor.dim() == 2 else None
     nonzero = nonzero_mask(matrix) if matrix is not None else None
     per_row = nonzero.sum(dim=1) if nonzero is not None else None
     return WeightSparsity(
@@ -169,6 +195,8 @@ def nm_stats(matrix: torch.Tensor) -> tuple[tuple[int, int], ...]:
 
 def as_matrix(tensor: torch.Tensor, w: WeightSparsity) -> torch.Tensor:
     """`tensor` as the kernel multiplies it, (out, in), oriented like analysis saw its first use."""
+    if tensor.dim() > 2 and convolution_only(w.uses):
+        return tensor.reshape(tensor.shape[0], -1)
     first = w.uses[0]
     right = any(first.op == str(op) and first.operand == pos for op, pos in RIGHT_OPERANDS)
     return tensor.t() if right else tensor

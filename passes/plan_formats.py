@@ -22,6 +22,7 @@ from sparsecc.formats import (ELL_CANDIDATE, FormatChoice, SparseFormat, SparseP
                               candidate_format, candidate_name)
 from sparsecc.passes.analyze_weights import analysed_weights, as_matrix
 from sparsecc.passes.graph_utils import constant_of
+from sparsecc.passes.pointwise_conv import CONVOLUTION, POINTWISE_USE
 from sparsecc.planning.cost_model import MachineModel, predict_dense, predict_sparse
 from sparsecc.planning.pricing import LazyMachine, Pricing, finalists
 from sparsecc.progress import progress_bar
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 SPARSE_DTYPES = ("float32", "float64")
 # Uses the CSR rewrite can take: a 2-D matrix product with the weight in either operand.
-CSR_USES = {("aten.mm.default", 0), ("aten.mm.default", 1), ("aten.addmm.default", 1), ("aten.addmm.default", 2)}
+CSR_USES = {("aten.mm.default", 0), ("aten.mm.default", 1), ("aten.addmm.default", 1), ("aten.addmm.default", 2),
+            (POINTWISE_USE, 1)}
 # Stored fraction above which a format is not offered unless forced: each kernel's break-even density against
 # PyTorch at BERT shapes, 128 tokens (benchmarks/kernel_break_even.py). The cost model is least reliable there:
 # it predicted CSR at 50 % density at 0.6x dense where it measured 1.1x (benchmarks/plan_quality.py, docs).
@@ -118,7 +120,11 @@ def choose_format(w: WeightSparsity, settings: Settings,
 
     if w.dtype not in SPARSE_DTYPES:
         return dense(f"dtype {w.dtype} has no sparse kernel yet (supported: {', '.join(SPARSE_DTYPES)})")
-    if len(w.shape) != 2:
+    if any(u.op == str(CONVOLUTION) for u in w.uses):
+        kernel = "x".join(map(str, w.shape[2:])) or "?"
+        return dense(f"a {kernel} convolution weight: only 1x1 convolutions with one group and no padding have a "
+                     "sparse kernel yet (k x k ones run in PyTorch)")
+    if len(w.shape) != 2 and not all(u.op == POINTWISE_USE for u in w.uses):
         return dense(f"{len(w.shape)}-D weight: only 2-D weights have a sparse kernel yet")
     other = sorted({u.op for u in w.uses if (u.op, u.operand) not in CSR_USES})
     if other:

@@ -2,6 +2,8 @@
 
     addmm(b, x, Wt) / mm(x, Wt)   (weight on the right, Wt = W^T is (K, N))  ->  sparse_linear(x, W, b)
     mm(W, x) / addmm(b, W, x)     (weight on the left, W is (N, K))          ->  sparse_linear(x^T, W)^T (+ b)
+    convolution(x, W, b) 1x1      (W is (N, K, 1, 1))                       ->  sparse_linear over channels-last
+                                                                                 pixels (passes/pointwise_conv.py)
 
 The bias is fused into the op when it is a vector of the output width; other broadcasts stay an add.
 W is packed in the planned format (sparsecc/packing.py): CSR is BSR with 1 x 1 blocks, ELL is CSR with rows padded to
@@ -16,6 +18,7 @@ from torch import fx
 from sparsecc.formats import SparseFormat, SparsePlan
 from sparsecc.packing import pack_choice
 from sparsecc.passes.graph_utils import add_constant, constant_of, drop_unused_constants, shape_dtype
+from sparsecc.passes.pointwise_conv import CONVOLUTION, as_convolution_output, channels_last_rows
 from sparsecc.settings import Settings
 
 aten = torch.ops.aten
@@ -28,6 +31,12 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
     packed: dict[tuple[str, bool], tuple[fx.Node, fx.Node, fx.Node]] = {}
     count = 0
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is CONVOLUTION:
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in chosen:
+                _replace_pointwise_conv(gm, node, weight, chosen[weight.target], packed)
+                count += 1
+            continue
         if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
             continue
         if node.target is aten.addmm.default:
@@ -45,18 +54,35 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
     return count
 
 
+def _packed(gm, node, weight, matrix, on_right, choice, packed) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """The packed arrays of `weight` as graph constants, made once per weight and orientation."""
+    key = (weight.target, on_right)
+    if key not in packed:
+        packed[key] = tuple(
+            add_constant(gm, f"{weight.target}_packed_{part}", arr, before=node)
+            for part, arr in zip(("indptr", "indices", "values"), pack_choice(matrix, choice))
+        )
+    return packed[key]
+
+
+def _replace_pointwise_conv(gm, node, weight, choice, packed) -> None:
+    tensor = constant_of(gm, weight)  # (out, in, 1, 1): analysis admitted only 1x1 convolutions to the plan
+    indptr, indices, values = _packed(gm, node, weight, tensor.reshape(tensor.shape[0], -1), False, choice, packed)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        rows, _ = channels_last_rows(graph, node)
+        sparse = graph.call_function(torch.ops.sparsecc.sparse_linear.default,
+                                     (rows, indptr, indices, values, node.args[2], int(tensor.shape[0])))
+        y = as_convolution_output(graph, node, sparse)
+    sparse.meta[REWRITTEN] = weight.target
+    node.replace_all_uses_with(y)
+    graph.erase_node(node)
+
+
 def _replace(gm, node, weight, x, bias, on_right, choice, packed) -> None:
     tensor = constant_of(gm, weight)
     # sparse_linear wants W as (out, in) rows; a right operand holds W^T.
-    key = (weight.target, on_right)
-    if key not in packed:
-        matrix = tensor.t() if on_right else tensor
-        arrays = pack_choice(matrix, choice)
-        packed[key] = tuple(
-            add_constant(gm, f"{weight.target}_packed_{part}", arr, before=node)
-            for part, arr in zip(("indptr", "indices", "values"), arrays)
-        )
-    indptr, indices, values = packed[key]
+    indptr, indices, values = _packed(gm, node, weight, tensor.t() if on_right else tensor, on_right, choice, packed)
     out_features = tensor.shape[1] if on_right else tensor.shape[0]
     fuse_bias = on_right and bias is not None and _is_vector(bias, out_features)
     graph = gm.graph

@@ -147,6 +147,9 @@ def _apply(step: Step, h: torch.Tensor, weights: list[torch.Tensor], bias: torch
         return torch.bmm(scores.softmax(-1), h)
     if op == "attention":
         return _attention(h, weights, bias, heads=args[0], sdpa=args[1])
+    if op == "pointwise_conv":  # (B, T, D) as a (B, D, T, 1) image through a 1x1 convolution, and back
+        image = h.transpose(1, 2).unsqueeze(-1)
+        return F.conv2d(image, weights[0][:, :, None, None], bias, stride=(args[0], 1)).squeeze(-1).transpose(1, 2)
     if op == "flatten":
         return h.reshape(-1, h.shape[-1])
     if op == "permute":
@@ -235,7 +238,7 @@ def _step(draw: st.DrawFn, shape: tuple[int, ...], kept: list[tuple[int, ...]]) 
     if len(lead) == 1:
         choices += ["addmm", "left_matmul"]
     if len(lead) == 2:
-        choices += ["self_attention", "flatten", "permute", "attention", "attention"]
+        choices += ["self_attention", "flatten", "permute", "attention", "attention", "pointwise_conv"]
     if width % 2 == 0:
         choices.append("mix_features")
     op = draw(st.sampled_from(choices))
@@ -244,6 +247,10 @@ def _step(draw: st.DrawFn, shape: tuple[int, ...], kept: list[tuple[int, ...]]) 
     if op in ("linear", "matmul", "addmm"):
         out = draw(st.sampled_from(SIZES))
         return Step(op, (draw(weight_specs(out, width)),), bias=draw(st.booleans()), keep=keep), (*lead, out)
+    if op == "pointwise_conv":
+        out, stride = draw(st.sampled_from(SIZES)), draw(st.sampled_from((1, 2)))
+        return (Step(op, (draw(weight_specs(out, width)),), (stride,), bias=draw(st.booleans()), keep=keep),
+                (lead[0], -(-lead[1] // stride), out))
     if op == "left_matmul":
         out = draw(st.sampled_from(SIZES))
         return Step(op, (draw(weight_specs(out, width)),), keep=keep), (*lead, out)
