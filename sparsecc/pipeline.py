@@ -97,7 +97,6 @@ class Lowered(Partitioned):
     tuning: Any  # codegen.tuning.TuningReport, with the `tune` option
     kernel_key: str | None  # the regions' key in the kernel cache (codegen/kernel_cache.py); None: not cached
     cached_library: bytes | None  # the library the kernel cache held for them (checked), to load instead of building
-    kernels_from_cache: bool  # lowering and the build were skipped: the kernel cache had these regions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +205,9 @@ def _lower(p: Partitioned, settings: Settings) -> Lowered:
     cached = kernel_cache.load(key, settings) if key is not None else None
     if cached is not None:
         return _advance(p, Lowered, irmodule=cached.irmodule, tuning=tuning, kernel_key=key,
-                        cached_library=cached.library, kernels_from_cache=True)
+                        cached_library=cached.library)
     return _advance(p, Lowered, irmodule=lower_graph(p.gm, settings), tuning=tuning, kernel_key=key,
-                    cached_library=None, kernels_from_cache=False)
+                    cached_library=None)
 
 
 def _kernel_key(gm: fx.GraphModule, settings: Settings) -> str | None:
@@ -315,7 +314,8 @@ class PipelineResult:
         """The result after the stage that made `product`, with what that product and those before it hold."""
         kept = {f.name for f in dataclasses.fields(cls)}
         fields = {f.name: getattr(product, f.name) for f in dataclasses.fields(product) if f.name in kept}
-        return cls(settings=settings, source=source, completed=tuple(completed), seconds=seconds, **fields)
+        return cls(settings=settings, source=source, completed=tuple(completed), seconds=seconds,
+                   kernels_from_cache=getattr(product, "cached_library", None) is not None, **fields)
 
     def runtime_inputs(self, args: Sequence[Any]) -> list[Any]:
         return [args[i] for i in self.captured.input_positions]

@@ -63,6 +63,12 @@ class CompileWatch:
         return sum(len(g.state.regions) for g in self.graphs if g.state is not None)
 
     @property
+    def region_calls(self) -> int:
+        """How many times the TVM regions of the graphs compiled in the block have run."""
+        return sum(g.state.gm.get_submodule(r).calls for g in self.graphs if g.state is not None
+                   for r in g.state.regions)
+
+    @property
     def fallbacks(self) -> int:
         return sum(g.fallbacks for g in self.graphs)
 

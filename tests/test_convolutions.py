@@ -33,10 +33,6 @@ def run_both(model, x, **options):
     return actual, expected, watch
 
 
-def region_calls(watch) -> int:
-    return sum(g.state.gm.get_submodule(r).calls for g in watch.graphs for r in g.state.regions)
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stride, bias", [(1, True), (2, False), (2, True)])
 def test_pointwise_convolutions_run_sparse(no_fallback, channels_last, stride, bias):
@@ -48,7 +44,7 @@ def test_pointwise_convolutions_run_sparse(no_fallback, channels_last, stride, b
     actual, expected, watch = run_both(model, x)
     torch.testing.assert_close(actual, expected, **FP32)
     assert actual.stride() == expected.stride()  # the memory format eager gives: later views behave the same
-    assert watch.sparse_ops == 2 and region_calls(watch) >= 2
+    assert watch.sparse_ops == 2 and watch.region_calls >= 2
     plan = watch.graphs[0].state.plan
     assert all(c.format.value == "csr" for c in plan.choices.values())
     assert "40x24x1x1 as 40x24" in watch.graphs[0].report()
@@ -86,7 +82,7 @@ def test_resnet_bottlenecks_from_a_transformers_config(no_fallback):
     torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
     pointwise = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
-    assert watch.sparse_ops == pointwise == 6 and region_calls(watch) > 0
+    assert watch.sparse_ops == pointwise == 6 and watch.region_calls > 0
 
 
 def test_pointwise_convolution_artifact_loads_and_matches(tmp_path):

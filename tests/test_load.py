@@ -26,17 +26,13 @@ def compiled_bert(model):
     return torch.compile(model, backend="sparsecc", options={**TEST_OPTIONS, "min_weight_numel": 1})
 
 
-def region_calls(watch: CompileWatch) -> int:
-    return sum(g.state.gm.get_submodule(r).calls for g in watch.graphs if g.state for r in g.state.regions)
-
-
 def test_four_threads_at_once_match_serial_calls(no_fallback):
     model = small_bert()
     compiled = compiled_bert(model)
     inputs = [torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     with torch.no_grad(), CompileWatch() as watch:
         serial = [compiled(x).last_hidden_state for x in inputs]
-        calls = region_calls(watch)
+        calls = watch.region_calls
         results: dict[tuple[int, int], torch.Tensor] = {}
         failures: list[BaseException] = []
         start = threading.Barrier(4)
@@ -61,7 +57,7 @@ def test_four_threads_at_once_match_serial_calls(no_fallback):
     for (k, r), out in results.items():
         torch.testing.assert_close(out, serial[(k + r) % len(inputs)], rtol=0, atol=0)
     torch.testing.assert_close(serial[0], expected, **FP32)
-    assert region_calls(watch) - calls == 4 * 40 * len(watch.graphs[0].state.regions)  # the sparse path ran
+    assert watch.region_calls - calls == 4 * 40 * len(watch.graphs[0].state.regions)  # the sparse path ran
 
 
 def test_weight_edits_from_another_thread_are_never_stale(no_fallback):
@@ -105,11 +101,11 @@ def test_ten_thousand_calls_keep_memory_threads_and_files_flat(no_fallback):
         for _ in range(200):  # warm-up: allocator pools and thread pools reach their working size
             compiled(x)
         rss, threads, files = _rss_mb(), _os_threads(), _open_files()
-        calls = region_calls(watch)
+        calls = watch.region_calls
         for _ in range(10_000):
             out = compiled(x)
         grown = _rss_mb() - rss
         torch.testing.assert_close(out.last_hidden_state, model(x).last_hidden_state, **FP32)
-    assert region_calls(watch) - calls >= 10_000
+    assert watch.region_calls - calls >= 10_000
     assert grown < 20, f"RSS grew by {grown:.1f} MB over 10,000 calls"
     assert _os_threads() == threads and _open_files() == files
