@@ -19,6 +19,9 @@ from sparsecc.codegen.kernels.cpu.attention import attention_kernel
 from sparsecc.kernel_work import ACTIVATIONS as KERNEL_ACTIVATIONS
 from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
 from sparsecc.kernel_work import KernelKnobs, default_knobs, token_tiled_shape
+from sparsecc.codegen.executable import aligned
+from sparsecc.codegen.kernels.cpu.direct_conv import direct_conv_kernel
+from sparsecc.conv_work import ConvKnobs, chunk_pointers
 from sparsecc.codegen.kernels.cpu.layer_norm import layer_norm_kernel
 from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
 from sparsecc.packing import uniform_row_blocks
@@ -58,9 +61,11 @@ class Converter:
 CONVERTERS: dict[Any, Converter] = {}
 
 # The "sparse" offload policy moves reshapes into regions next to sparse ops, and the ops sparsecc has its own
-# kernels for (faster than PyTorch's or close, and each one in a region can save a region call).
+# kernels for (faster than PyTorch's or close, and each one in a region can save a region call), and the padding
+# and phase split ahead of a direct convolution (in PyTorch they would split a chain of convolutions into regions).
 VIEW_OPS = RESHAPE_OPS
-OWN_KERNEL_OPS = frozenset({torch.ops.sparsecc.attention.default, aten.layer_norm.default})
+OWN_KERNEL_OPS = frozenset({torch.ops.sparsecc.attention.default, aten.layer_norm.default,
+                            aten.constant_pad_nd.default, aten.permute.default})
 
 
 def converter(*ops: Any, check: Callable[[fx.Node], bool] | None = None):
@@ -186,6 +191,78 @@ def _sparse_linear(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Ex
     gv = ctx.kernel(key, lambda: spec.kernel(knobs, x_tiled, y_tiled, residual_tiled), "_".join((spec.name, *layouts)))
     out_shape = token_tiled_shape(spec.m, spec.n, tile) if y_tiled else (spec.m, spec.n)
     return relax.call_tir(gv, [x, indptr, indices, values, bias, residual], relax.TensorType(out_shape, spec.dtype))
+
+
+def _graph_constant(node: Any) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr" and node.graph.owning_module is not None:
+        return constant_of(node.graph.owning_module, node)
+    return None
+
+
+def _sparse_conv_check(node: fx.Node) -> bool:
+    x, indptr, indices, values, bias, out_channels, kernel, out_size = node.args[:8]
+    activation = node.args[8] if len(node.args) > 8 else "none"
+    xs, vs = shape_dtype(x), shape_dtype(values)
+    if xs is None or vs is None or len(xs[0]) != 4 or xs[1] != vs[1] or xs[1] not in FLOAT_DTYPES:
+        return False
+    # The kernel reads offsets worked out from the weight's columns: the packed weight must be this graph's own.
+    if _graph_constant(indptr) is None or _graph_constant(indices) is None or tuple(vs[0][1:]) != (1, 1):
+        return False
+    if activation not in KERNEL_ACTIVATIONS:
+        return False
+    _, _, hq, wq = xs[0]
+    if out_size[0] + kernel[0] - 1 > hq or out_size[1] + kernel[1] - 1 > wq:
+        return False
+    return bias is None or (shape_dtype(bias) is not None and shape_dtype(bias)[1] == xs[1])
+
+
+# node.meta key under which a tuned ConvKnobs of a sparse_conv2d node would be left (none are searched yet).
+CONV_KNOBS_META = "sparsecc_conv_knobs"
+
+
+@converter(torch.ops.sparsecc.sparse_conv2d.default, check=_sparse_conv_check)
+def _sparse_conv2d(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
+    x, _, _, values, bias, out_channels, kernel, out_size = args[:8]
+    activation = node.args[8] if len(node.args) > 8 else "none"
+    (batch, channels, hq, wq), dtype = shape_dtype(node.args[0])
+    name = dtype_name(dtype)
+    knobs = node.meta.get(CONV_KNOBS_META) or ConvKnobs()
+    indptr, columns = _graph_constant(node.args[1]), _graph_constant(node.args[2]).long()
+    taps = kernel[0] * kernel[1]
+    channel, tap = columns // taps, columns % taps
+    offsets = (channel * (hq * wq) + (tap // kernel[1]) * wq + tap % kernel[1]).to(torch.int32)
+    pointers = torch.from_numpy(chunk_pointers(indptr.numpy(), columns.numpy(), taps, knobs.chunk, channels))
+    if bias is None:
+        bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(out_channels, dtype=dtype)))
+    key = ("sparse_conv2d", batch, channels, hq, wq, out_channels, tuple(out_size), name, activation, knobs)
+    gv = ctx.kernel(key, lambda: direct_conv_kernel(batch, channels, (hq, wq), out_channels, tuple(out_size), name,
+                                                    activation, knobs=knobs),
+                    f"csr_conv_{batch}x{channels}x{hq}x{wq}_to_{out_channels}x{out_size[0]}x{out_size[1]}_{name}"
+                    + ("" if activation == "none" else f"_{activation}"))
+    flat = ctx.bb.emit(relax.op.reshape(x, (batch, channels * hq * wq)))
+    stored = shape_dtype(node.args[3])[0][0]
+    return relax.call_tir(gv, [flat, relax.const(tvm.runtime.from_dlpack(aligned(pointers))),
+                               relax.const(tvm.runtime.from_dlpack(aligned(offsets))),
+                               ctx.bb.emit(relax.op.reshape(values, (stored,))), bias],
+                          relax.TensorType((batch, out_channels, *out_size), name))
+
+
+def _pad_check(node: fx.Node) -> bool:
+    pads = node.args[1]
+    value = node.args[2] if len(node.args) > 2 else 0
+    # Negative pads crop, which relax's pad does not do; those stay in PyTorch.
+    return _static_float(node) and all(isinstance(p, int) and p >= 0 for p in pads) and isinstance(value, (int, float))
+
+
+@converter(aten.constant_pad_nd.default, check=_pad_check)
+def _constant_pad(ctx, node, args):
+    pads = list(node.args[1])
+    value = node.args[2] if len(node.args) > 2 else 0
+    rank = len(shape_dtype(node)[0])
+    width = [0] * (2 * rank)
+    for i in range(len(pads) // 2):  # aten lists the last axis first
+        width[2 * (rank - 1 - i)], width[2 * (rank - 1 - i) + 1] = pads[2 * i], pads[2 * i + 1]
+    return relax.op.nn.pad(args[0], width, "constant", float(value))
 
 
 @converter(*VIEW_OPS, check=_static)

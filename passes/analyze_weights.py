@@ -16,6 +16,7 @@ from sparsecc.kernel_work import ROWS_PER_TASK, task_count, task_spans, work_pre
 from sparsecc.formats import BlockStats, WeightSparsity, WeightUse
 from sparsecc.passes.fold_constants import LAYOUT, ORIGIN
 from sparsecc.passes.graph_utils import constant_of
+from sparsecc.passes.direct_conv import DIRECT_USE, ConvGeometry, why_not_direct
 from sparsecc.passes.pointwise_conv import CONVOLUTION, POINTWISE_USE, why_not_pointwise
 from sparsecc.settings import Settings
 
@@ -72,17 +73,24 @@ def _add_convolution_use(gm: fx.GraphModule, node: fx.Node, uses: dict, right: d
     tensor = constant_of(gm, weight)
     if tensor is None or tensor.dim() < 3:
         return
-    # A 1x1 convolution sparsecc multiplies as a matrix product, or another one (which the plan keeps dense).
-    op = POINTWISE_USE if why_not_pointwise(node, tensor) is None else str(CONVOLUTION)
+    # A 1x1 convolution sparsecc multiplies as a matrix product, a k x k one its direct kernel computes, or another
+    # one (which the plan keeps dense, saying why).
+    conv, reason = "", ""
+    if why_not_pointwise(node, tensor) is None:
+        op = POINTWISE_USE
+    elif (reason := why_not_direct(node, tensor)) is None:
+        op, reason, conv = DIRECT_USE, "", ConvGeometry.of(node, tensor).to_json()
+    else:
+        op = str(CONVOLUTION)
     out = node.meta.get("val")
     tokens = int(out.numel()) // int(tensor.shape[0]) if isinstance(out, torch.Tensor) else 0
-    uses.setdefault(weight, []).append(WeightUse(op, 1, node.name, tokens))
+    uses.setdefault(weight, []).append(WeightUse(op, 1, node.name, tokens, conv, reason))
     right.setdefault(weight, False)
 
 
 def convolution_only(uses: tuple[WeightUse, ...]) -> bool:
     """Every use of the weight is a convolution: analysis sees it as the (out, in * kh * kw) matrix."""
-    return bool(uses) and all(u.op in (POINTWISE_USE, str(CONVOLUTION)) for u in uses)
+    return bool(uses) and all(u.op in (POINTWISE_USE, DIRECT_USE, str(CONVOLUTION)) for u in uses)
 
 
 def describe_weight(name: str, tensor: torch.Tensor, right: bool, uses: tuple[WeightUse, ...], source_layout: str,

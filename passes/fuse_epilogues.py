@@ -1,4 +1,6 @@
-"""Fuse what follows a sparse_linear into its epilogue: an activation (ReLU, GELU) and then a residual add.
+"""Fuse what follows a sparse_linear into its epilogue: an activation (ReLU, GELU) and then a residual add; and an
+activation that follows a sparse_conv2d (through the copy that restores a channels-last output's memory format,
+which an activation commutes with).
 
 Each fused op saves a full pass over the layer's output in memory. The pattern is looked for through reshapes,
 because a Linear on 3-D input becomes `view(sparse_linear(view(x)))` and the activation or the add applies to
@@ -10,12 +12,14 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from sparsecc.ops import SPARSE_OPS, sparse_linear_args
+from sparsecc.ops import SPARSE_LINEAR_OPS, sparse_linear_args
 from sparsecc.passes.graph_utils import RESHAPE_OPS, shape_dtype
 from sparsecc.settings import Settings
 
 aten = torch.ops.aten
 ACTIVATION, RESIDUAL = 6, 7  # positions in sparse_linear's arguments
+CONV_ACTIVATION = 8  # in sparse_conv2d's
+SPARSE_CONV = torch.ops.sparsecc.sparse_conv2d.default
 
 
 def _activation(node: fx.Node) -> str | None:
@@ -31,7 +35,10 @@ def fuse_epilogues(gm: fx.GraphModule, settings: Settings) -> int:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     fused = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SPARSE_OPS:
+        if node.op == "call_function" and node.target is SPARSE_CONV:
+            fused += _fuse_conv_activation(gm, node)
+            continue
+        if node.op != "call_function" or node.target not in SPARSE_LINEAR_OPS:
             continue
         args = list(sparse_linear_args(node.args))
         end = _through_reshapes(node)
@@ -62,6 +69,22 @@ def fuse_epilogues(gm: fx.GraphModule, settings: Settings) -> int:
             fused += 1
         node.args = tuple(args)
     return fused
+
+
+def _fuse_conv_activation(gm: fx.GraphModule, node: fx.Node) -> int:
+    args = list(node.args) + ["none"] * (CONV_ACTIVATION + 1 - len(node.args))
+    end = node
+    user = _only_user(end)
+    if user is not None and user.target is aten.clone.default and user.args[0] is end:
+        end, user = user, _only_user(user)
+    act = _activation(user) if user is not None else None
+    if act is None or args[CONV_ACTIVATION] != "none":
+        return 0
+    args[CONV_ACTIVATION] = act
+    node.args = tuple(args)
+    user.replace_all_uses_with(end)
+    gm.graph.erase_node(user)
+    return 1
 
 
 def _through_reshapes(node: fx.Node) -> fx.Node:

@@ -22,6 +22,7 @@ from sparsecc.formats import (ELL_CANDIDATE, FormatChoice, SparseFormat, SparseP
                               candidate_format, candidate_name)
 from sparsecc.passes.analyze_weights import analysed_weights, as_matrix
 from sparsecc.passes.graph_utils import constant_of
+from sparsecc.passes.direct_conv import DIRECT_USE, ConvGeometry, phase_weight
 from sparsecc.passes.pointwise_conv import CONVOLUTION, POINTWISE_USE
 from sparsecc.planning.cost_model import MachineModel, predict_dense, predict_sparse
 from sparsecc.planning.pricing import LazyMachine, Pricing, finalists
@@ -52,6 +53,10 @@ MEASURED_MIN_GAIN = 1.05
 # row length saved 2-8 % over CSR's kernel at BERT shapes, and 14 % padding already cost more than that
 # (benchmarks/ell_rows.py; docs/benchmarks.md, "Rows of one length"). Listing "ell" in `formats` offers it anyway.
 ELL_MAX_PADDING = 1.1
+# The planners that do not measure (`cost_model` "calibrated" or "break-even") give a k x k convolution the direct
+# kernel at or below this density: against oneDNN's channels-last convolution on AVX-512, 3x3 256->256 broke even at
+# about 0.35 at 56x56 and 0.22 at 14x14 (benchmarks/direct_conv.py --sweep, --densities).
+DIRECT_CONV_BREAK_EVEN = 0.2
 # Token count assumed for a use whose graph does not carry shapes (symbolic tracing).
 UNKNOWN_TOKENS = 128
 
@@ -69,15 +74,19 @@ def plan_formats(gm: fx.GraphModule, settings: Settings, pricing: Pricing | Mach
         pricing = Pricing()
     timer = pricing.timer
     if timer is None:
-        choices = {name: choose_format(w, settings, pricing.machine) for name, w in weights.items()}
+        choices = {name: choose_direct_conv(w, settings) if direct_conv(w) else
+                   choose_format(w, settings, pricing.machine) for name, w in weights.items()}
     else:
         tensors = {n.target: constant_of(gm, n) for n in gm.graph.nodes if n.op == "get_attr" and n.target in weights}
         update, close = progress_bar(len(weights), "sparsecc plan", "weight")
         choices = {}
         try:
             for name, w in weights.items():
-                choices[name] = choose_format(w, settings, pricing.machine,
-                                              _timing(timer, as_matrix(tensors[name], w), w))
+                if direct_conv(w):
+                    choices[name] = choose_direct_conv(w, settings, _conv_timing(timer, tensors[name], w))
+                else:
+                    choices[name] = choose_format(w, settings, pricing.machine,
+                                                  _timing(timer, as_matrix(tensors[name], w), w))
                 update(1, name)
         finally:
             close()
@@ -103,6 +112,68 @@ def _timing(timer, matrix, w: WeightSparsity) -> Callable[[list[str]], dict[str,
     return measure
 
 
+def _conv_timing(timer, tensor, w: WeightSparsity) -> Callable[[], dict[str, float] | None]:
+    def measure() -> dict[str, float] | None:
+        total: dict[str, float] = {}
+        try:
+            for use in w.uses:
+                geo = ConvGeometry.from_json(use.conv)
+                for name, t in timer.conv_seconds(tensor, phase_weight(tensor, geo), geo, w).items():
+                    total[name] = total.get(name, 0.0) + t
+        except Exception as exc:  # a kernel that fails to build or run here: dense, which always works
+            log.warning("plan: timing the direct convolution kernel for %s failed (%s); it stays dense", w.name, exc)
+            return None
+        return total
+
+    return measure
+
+
+def direct_conv(w: WeightSparsity) -> bool:
+    """Whether the weight feeds only k x k convolutions the direct kernel computes."""
+    return bool(w.uses) and all(u.op == DIRECT_USE for u in w.uses)
+
+
+def choose_direct_conv(w: WeightSparsity, settings: Settings,
+                       measure: Callable[[], dict[str, float] | None] | None = None) -> FormatChoice:
+    """Dense (PyTorch's convolution) or CSR (the direct kernel) for a k x k convolution weight. `measure()` -> seconds
+    of "dense" and "csr" on the weight's own convolutions (None if timing failed): the measurement decides; without
+    it, DIRECT_CONV_BREAK_EVEN does."""
+    kernel = "x".join(map(str, w.shape[2:]))
+
+    def dense(reason: str, measured: dict | None = None) -> FormatChoice:
+        return FormatChoice(SparseFormat.DENSE, None, 1.0, reason, {}, measured or {})
+
+    if w.dtype not in SPARSE_DTYPES:
+        return dense(f"dtype {w.dtype} has no sparse kernel yet (supported: {', '.join(SPARSE_DTYPES)})")
+    if not allowed("csr", settings.formats):
+        return dense(f"a {kernel} convolution: its direct kernel stores CSR, which formats={list(settings.formats)} "
+                     "does not allow")
+    if w.numel < settings.min_weight_numel:
+        return dense(f"{w.numel} elements < min_weight_numel {settings.min_weight_numel}")
+    if w.nnz == 0:
+        return FormatChoice(SparseFormat.CSR, None, 0.0, f"all zeros ({kernel} convolution, direct kernel)")
+    forced = settings.formats is not None and "dense" not in settings.formats
+    seconds = measure() if measure is not None and not forced else None
+    if seconds:
+        measured = {name: round(t * 1e6, 2) for name, t in seconds.items()}
+        est = seconds["csr"] / seconds["dense"]
+        gain = max(settings.min_gain, MEASURED_MIN_GAIN)
+        how = (f"direct kernel measured at {est:.2f}x PyTorch's convolution (dense {measured['dense']:.0f} us, "
+               f"csr {measured['csr']:.0f} us)")
+    else:
+        measured, gain = {}, settings.min_gain
+        est = w.density / DIRECT_CONV_BREAK_EVEN
+        how = (f"direct kernel assumed at {est:.2f}x PyTorch's convolution (density over its break-even "
+               f"{DIRECT_CONV_BREAK_EVEN})")
+    reason = f"density {w.density:.3f}: a {kernel} convolution, {how}"
+    if forced:
+        return FormatChoice(SparseFormat.CSR, None, est, f"{reason}; csr forced by formats={list(settings.formats)}",
+                            {}, measured)
+    if est * gain >= 1.0:
+        return dense(f"{reason}: not {gain:.2f}x faster, stays dense", measured)
+    return FormatChoice(SparseFormat.CSR, None, est, reason, {}, measured)
+
+
 def _tokens(w: WeightSparsity) -> list[int]:
     return [u.tokens for u in w.uses if u.tokens > 0] or [UNKNOWN_TOKENS]
 
@@ -121,9 +192,10 @@ def choose_format(w: WeightSparsity, settings: Settings,
     if w.dtype not in SPARSE_DTYPES:
         return dense(f"dtype {w.dtype} has no sparse kernel yet (supported: {', '.join(SPARSE_DTYPES)})")
     if any(u.op == str(CONVOLUTION) for u in w.uses):
-        kernel = "x".join(map(str, w.shape[2:])) or "?"
-        return dense(f"a {kernel} convolution weight: only 1x1 convolutions with one group and no padding have a "
-                     "sparse kernel yet (k x k ones run in PyTorch)")
+        why = "; ".join(sorted({u.reason for u in w.uses if u.op == str(CONVOLUTION) and u.reason}))
+        return dense(f"{why or 'a convolution no sparse kernel takes'}: it runs in PyTorch")
+    if any(u.op == DIRECT_USE for u in w.uses):
+        return dense("used by both k x k convolutions and other ops: no one kernel takes every use")
     if len(w.shape) != 2 and not all(u.op == POINTWISE_USE for u in w.uses):
         return dense(f"{len(w.shape)}-D weight: only 2-D weights have a sparse kernel yet")
     other = sorted({u.op for u in w.uses if (u.op, u.operand) not in CSR_USES})

@@ -68,12 +68,13 @@ def as_convolution_output(graph: fx.Graph, node: fx.Node, rows: fx.Node) -> fx.N
     n, k, h, w = shape_dtype(node)[0]
     y = graph.call_function(aten.permute.default, (graph.call_function(aten.view.default, (rows, [n, h, w, k])),
                                                    [0, 3, 1, 2]))
-    if _channels_last(node):
+    if is_channels_last(node):
         return y
     return graph.call_function(aten.clone.default, (y,), {"memory_format": torch.contiguous_format})
 
 
-def _channels_last(node: fx.Node) -> bool:
+def is_channels_last(node: fx.Node) -> bool:
+    """Whether the node's value is a 4-D tensor in the channels-last memory format (not also contiguous)."""
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.dim() == 4 and not val.is_contiguous() and \
         val.is_contiguous(memory_format=torch.channels_last)

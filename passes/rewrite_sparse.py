@@ -4,6 +4,9 @@
     mm(W, x) / addmm(b, W, x)     (weight on the left, W is (N, K))          ->  sparse_linear(x^T, W)^T (+ b)
     convolution(x, W, b) 1x1      (W is (N, K, 1, 1))                       ->  sparse_linear over channels-last
                                                                                  pixels (passes/pointwise_conv.py)
+    convolution(x, W, b) k x k    (W is (N, C, kh, kw))                     ->  sparse_conv2d over the padded,
+                                                                                 phase-split input
+                                                                                 (passes/direct_conv.py)
 
 The bias is fused into the op when it is a vector of the output width; other broadcasts stay an add.
 W is packed in the planned format (sparsecc/packing.py): CSR is BSR with 1 x 1 blocks, ELL is CSR with rows padded to
@@ -18,7 +21,8 @@ from torch import fx
 from sparsecc.formats import SparseFormat, SparsePlan
 from sparsecc.packing import pack_choice
 from sparsecc.passes.graph_utils import add_constant, constant_of, drop_unused_constants, shape_dtype
-from sparsecc.passes.pointwise_conv import CONVOLUTION, as_convolution_output, channels_last_rows
+from sparsecc.passes.direct_conv import ConvGeometry, phase_input, phase_weight
+from sparsecc.passes.pointwise_conv import CONVOLUTION, as_convolution_output, channels_last_rows, why_not_pointwise
 from sparsecc.settings import Settings
 
 aten = torch.ops.aten
@@ -34,7 +38,10 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
         if node.op == "call_function" and node.target is CONVOLUTION:
             weight = node.args[1]
             if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in chosen:
-                _replace_pointwise_conv(gm, node, weight, chosen[weight.target], packed)
+                if why_not_pointwise(node, constant_of(gm, weight)) is None:
+                    _replace_pointwise_conv(gm, node, weight, chosen[weight.target], packed)
+                else:  # analysis admitted only convolutions the direct kernel takes
+                    _replace_direct_conv(gm, node, weight, chosen[weight.target], packed)
                 count += 1
             continue
         if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
@@ -54,9 +61,9 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
     return count
 
 
-def _packed(gm, node, weight, matrix, on_right, choice, packed) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """The packed arrays of `weight` as graph constants, made once per weight and orientation."""
-    key = (weight.target, on_right)
+def _packed(gm, node, weight, matrix, on_right, choice, packed, key=None) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """The packed arrays of `weight` as graph constants, made once per weight and orientation (or `key`)."""
+    key = key or (weight.target, on_right)
     if key not in packed:
         packed[key] = tuple(
             add_constant(gm, f"{weight.target}_packed_{part}", arr, before=node)
@@ -74,6 +81,25 @@ def _replace_pointwise_conv(gm, node, weight, choice, packed) -> None:
         sparse = graph.call_function(torch.ops.sparsecc.sparse_linear.default,
                                      (rows, indptr, indices, values, node.args[2], int(tensor.shape[0])))
         y = as_convolution_output(graph, node, sparse)
+    sparse.meta[REWRITTEN] = weight.target
+    node.replace_all_uses_with(y)
+    graph.erase_node(node)
+
+
+def _replace_direct_conv(gm, node, weight, choice, packed) -> None:
+    tensor = constant_of(gm, weight)
+    geo = ConvGeometry.of(node, tensor)
+    # The phase weight depends on the stride and dilation: one weight in convolutions of different ones packs twice.
+    key = (weight.target, "conv", geo.stride, geo.dilation)
+    indptr, indices, values = _packed(gm, node, weight, phase_weight(tensor, geo), False, choice, packed, key)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        x = phase_input(graph, node.args[0], geo)
+        y = sparse = graph.call_function(
+            torch.ops.sparsecc.sparse_conv2d.default,
+            (x, indptr, indices, values, node.args[2], geo.out_channels, list(geo.phase_kernel), list(geo.out_size)))
+        if geo.channels_last:  # eager's output keeps the input's memory format; later views may depend on it
+            y = graph.call_function(aten.clone.default, (sparse,), {"memory_format": torch.channels_last})
     sparse.meta[REWRITTEN] = weight.target
     node.replace_all_uses_with(y)
     graph.erase_node(node)

@@ -42,6 +42,10 @@ class WeightUse:
     node: str
     # Rows the weight is applied to (tokens: batch x sequence for a Linear); 0 when the graph does not say.
     tokens: int = 0
+    # A convolution the direct kernel computes: its passes/direct_conv.ConvGeometry as JSON (timing needs it).
+    conv: str = ""
+    # Why no sparse kernel takes this use, when none does (a grouped convolution, say): for the plan's reason line.
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,7 +55,39 @@ def _(x, indptr, indices, values, bias, out_features, activation="none", residua
     return x.new_empty((x.shape[0], out_features))
 
 
-SPARSE_OPS = frozenset({torch.ops.sparsecc.sparse_linear.default})
+@torch.library.custom_op("sparsecc::sparse_conv2d", mutates_args=())
+def sparse_conv2d(
+    x: torch.Tensor,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_channels: int,
+    kernel: list[int],
+    out_size: list[int],
+    activation: str = "none",
+) -> torch.Tensor:
+    """y = activation(conv2d(x, W) + bias), stride 1, no padding, cropped to `out_size`, for x (N, C, Hq, Wq)
+    already padded (passes/direct_conv.py), with W the (out_channels, C * kh * kw) matrix in CSR (`values` is
+    (stored, 1, 1), as sparse_linear takes it). y is (N, out_channels, *out_size), contiguous."""
+    size = (out_channels, x.shape[1] * kernel[0] * kernel[1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SPARSE_BETA)
+        weight = torch.sparse_csr_tensor(indptr, indices.to(indptr.dtype), values.reshape(-1), size,
+                                         check_invariants=False).to_dense()
+    y = torch.nn.functional.conv2d(x, weight.reshape(out_channels, x.shape[1], *kernel), bias)
+    y = ACTIVATIONS[activation](y[:, :, :out_size[0], :out_size[1]])
+    return y.contiguous()
+
+
+@sparse_conv2d.register_fake
+def _(x, indptr, indices, values, bias, out_channels, kernel, out_size, activation="none"):
+    return x.new_empty((x.shape[0], out_channels, *out_size))
+
+
+SPARSE_LINEAR_OPS = frozenset({torch.ops.sparsecc.sparse_linear.default})
+# Every op that multiplies by a sparse weight: what a region forms around, and what shows the sparse path ran.
+SPARSE_OPS = SPARSE_LINEAR_OPS | {torch.ops.sparsecc.sparse_conv2d.default}
 
 
 @torch.library.custom_op("sparsecc::attention", mutates_args=())

@@ -27,6 +27,7 @@ from sparsecc.errors import InputError, SparseccError, StageError
 from sparsecc.formats import SparsePlan
 from sparsecc.ops import SPARSE_OPS
 from sparsecc.passes.analyze_weights import analyze_weights, analysed_weights
+from sparsecc.passes.fold_batch_norm import fold_batch_norm
 from sparsecc.passes.fuse_attention import fuse_attention
 from sparsecc.passes.fuse_epilogues import fuse_epilogues
 from sparsecc.passes.partition_regions import partition_regions
@@ -154,6 +155,11 @@ def _prune(p: Analysed, settings: Settings) -> Pruned:
 def _plan(p: Pruned, settings: Settings) -> Planned:
     from sparsecc.planning.target_pricing import pricing_for
 
+    # After pruning, so that pruning ranks and writes back the user's own convolution weights; analysis then sees
+    # the folded ones, which are what runs.
+    if run_passes(p.gm, settings, (("fold_batch_norm", fold_batch_norm),))["fold_batch_norm"]:
+        analyze_weights(p.gm, settings)
+
     with pricing_for(settings) as pricing:
         return _advance(p, Planned, plan=plan_formats(p.gm, settings, pricing))
 
@@ -182,6 +188,10 @@ def _partition(p: Rewritten, settings: Settings) -> Partitioned:
         supported, anchor = can_lower, can_lower
     else:
         def supported(node: fx.Node) -> bool:
+            if node.target is torch.ops.aten.permute.default:
+                # A permute is a free view in PyTorch and a copy in TVM: it joins a region only to feed one (the
+                # phase split before a direct convolution), never to end one (a channels-last output stays a view).
+                return bool(node.users) and all(supported(u) for u in node.users) and can_lower(node)
             return (node.target in SPARSE_OPS or node.target in VIEW_OPS or node.target in OWN_KERNEL_OPS) \
                 and can_lower(node)
 

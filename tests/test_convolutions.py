@@ -1,6 +1,6 @@
-"""Convolutions (passes/pointwise_conv.py): 1x1 convolutions with sparse weights run as sparse matrix products over
-channels-last pixels, matching eager PyTorch in values and memory format; every other convolution stays in PyTorch
-with the reason in the plan."""
+"""Convolutions: 1x1 convolutions with sparse weights run as sparse matrix products over channels-last pixels
+(passes/pointwise_conv.py), k x k ones through the direct kernel (passes/direct_conv.py), matching eager PyTorch in
+values and memory format; grouped and transposed convolutions stay in PyTorch with the reason in the plan."""
 
 import pytest
 import torch
@@ -50,10 +50,63 @@ def test_pointwise_convolutions_run_sparse(no_fallback, channels_last, stride, b
     assert "40x24x1x1 as 40x24" in watch.graphs[0].report()
 
 
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2), (5, 2, 0, 1), ((1, 3), 1, (0, 1), 1), (7, 2, 3, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_direct_convolutions_run_sparse(no_fallback, kernel, stride, padding, dilation, channels_last):
+    model = prune_convs_(nn.Sequential(nn.Conv2d(12, 20, kernel, stride, padding, dilation), nn.ReLU(),
+                                       nn.Conv2d(20, 8, 3, padding=1, bias=False)))
+    x = torch.randn(2, 12, 15, 13)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    actual, expected, watch = run_both(model, x)
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert actual.stride() == expected.stride()
+    graph = watch.graphs[0]
+    assert watch.sparse_ops == 2 and watch.region_calls >= 1
+    kernels = [n for n in graph.state.gm.graph.nodes if n.op == "call_module"]
+    assert kernels, "the sparse convolutions ran outside any TVM region"
+    assert all(c.format.value == "csr" and "convolution, direct kernel" in c.reason
+               for c in graph.state.plan.choices.values())
+
+
+def test_direct_convolution_fuses_relu_and_matches_the_eager_reference():
+    """The rewritten graph's sparsecc::sparse_conv2d (its eager reference, torch.sparse) and the kernel agree."""
+    from sparsecc.passes.direct_conv import ConvGeometry
+    from sparsecc.planning.conv_timing import DirectConvTimer, phase_input_eager
+    from sparsecc.passes.direct_conv import phase_weight
+    from sparsecc.packing import pack_blocks
+    from sparsecc.codegen.targets import host_target
+
+    torch.manual_seed(0)
+    geo = ConvGeometry(2, 16, (11, 9), 24, (3, 3), (2, 2), (1, 1), (1, 1), (6, 5), "float32")
+    weight = torch.randn(24, 16, 3, 3) * (torch.rand(24, 16, 3, 3) < 0.2)
+    x = torch.randn(2, 16, 11, 9)
+    matrix = phase_weight(weight, geo)
+    indptr, indices, values = pack_blocks(matrix, (1, 1))
+    reference = torch.ops.sparsecc.sparse_conv2d(phase_input_eager(x, geo), indptr, indices, values, None, 24,
+                                                 list(geo.phase_kernel), list(geo.out_size), "relu")
+    torch.testing.assert_close(reference, torch.relu(torch.nn.functional.conv2d(x, weight, stride=2, padding=1)),
+                               **FP32)
+    # The timer checks its kernel against PyTorch's convolution and raises when they differ.
+    assert DirectConvTimer(host_target(1)).seconds(weight, matrix, geo, runs=1) > 0
+
+
+def test_a_denser_convolution_measured_slower_stays_dense(no_fallback):
+    # Fully stored weights: the direct kernel does all of oneDNN's multiply-adds at a fraction of its rate. (On tiny
+    # convolutions, 16 channels at 12x12, PyTorch's fixed cost per call let the kernel win even so.)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)).eval()
+    actual, expected, watch = run_both(model, torch.randn(1, 64, 28, 28), cost_model="measured")
+    torch.testing.assert_close(actual, expected, **FP32)
+    choice = next(iter(watch.graphs[0].state.plan.choices.values()))
+    assert choice.format.value == "dense" and "measured" in choice.reason and choice.measured
+    assert watch.sparse_ops == 0
+
+
 class OtherConvolutions(nn.Module):
     def __init__(self):
         super().__init__()
-        self.k3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.k3 = nn.Conv2d(16, 16, 3, padding=1, groups=2)
         self.grouped = nn.Conv2d(16, 16, 1, groups=4)
         self.padded = nn.Conv2d(16, 16, 1, padding=1)
         self.up = nn.ConvTranspose2d(16, 8, 1)
@@ -69,8 +122,10 @@ def test_other_convolutions_stay_in_pytorch_with_the_reason(no_fallback):
     torch.testing.assert_close(actual, expected, **FP32)
     plan = watch.graphs[0].state.plan
     reasons = {name: c.reason for name, c in plan.choices.items() if c.format.value == "dense"}
-    assert any("3x3 convolution" in r for r in reasons.values()), reasons
-    assert len(reasons) == 4 and watch.sparse_ops == 1  # only `head`, a plain 1x1 convolution, goes sparse
+    assert any("3x3 convolution in 2 groups" in r for r in reasons.values()), reasons
+    assert any("transposed" in r for r in reasons.values()), reasons
+    # `head` is a plain 1x1 convolution; `padded` (1x1 with padding) goes through the direct kernel.
+    assert len(reasons) == 3 and watch.sparse_ops == 2
 
 
 def test_resnet_bottlenecks_from_a_transformers_config(no_fallback):
@@ -81,15 +136,17 @@ def test_resnet_bottlenecks_from_a_transformers_config(no_fallback):
     actual, expected, watch = run_both(model, torch.randn(2, 3, 64, 64))
     torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, **FP32)
-    pointwise = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
-    assert watch.sparse_ops == pointwise == 6 and watch.region_calls > 0
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # Every convolution, the 7x7 stem and the 3x3s included, goes sparse (1x1 as products, the others direct).
+    assert watch.sparse_ops == len(convs) and watch.region_calls > 0
 
 
-def test_pointwise_convolution_artifact_loads_and_matches(tmp_path):
-    model = prune_convs_(nn.Sequential(nn.Conv2d(24, 40, 1), nn.ReLU(), nn.Conv2d(40, 16, 1, stride=2))).eval()
+def test_convolution_artifact_loads_and_matches(tmp_path):
+    model = prune_convs_(nn.Sequential(nn.Conv2d(24, 40, 1), nn.ReLU(), nn.Conv2d(40, 16, 1, stride=2), nn.ReLU(),
+                                       nn.Conv2d(16, 16, 3, stride=2, padding=1))).eval()
     x = torch.randn(2, 24, 9, 7)
     path = sparsecc.export(model, (x,), tmp_path / "art", min_weight_numel=1, cost_model="break-even")
     loaded = sparsecc.load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), **FP32)
-    assert loaded.region_calls >= 1 and len(loaded.manifest["sparse_weights"]) == 2
+    assert loaded.region_calls >= 1 and len(loaded.manifest["sparse_weights"]) == 3

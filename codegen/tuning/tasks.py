@@ -13,7 +13,7 @@ from torch import fx
 
 from sparsecc.codegen.converters import SparseLinearSpec
 from sparsecc.codegen.importer import region_nodes
-from sparsecc.ops import SPARSE_OPS, sparse_linear_args
+from sparsecc.ops import SPARSE_LINEAR_OPS, sparse_linear_args
 from sparsecc.packing import pack_blocks, pack_ell, uniform_row_blocks
 from sparsecc.passes.graph_utils import constant_of
 
@@ -94,7 +94,7 @@ def graph_tasks(gm: fx.GraphModule) -> list[KernelTask]:
             return constant_of(sub, arg)
 
         for node in sub.graph.nodes:
-            if node.op != "call_function" or node.target not in SPARSE_OPS:
+            if node.op != "call_function" or node.target not in SPARSE_LINEAR_OPS:
                 continue
             _, indptr, indices, values, bias, *_ = sparse_linear_args(node.args)
             packed = [const(a) for a in (indptr, indices, values)]

@@ -19,6 +19,7 @@ candidates the model cannot tell apart from the best (sparsecc/planning/pricing.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Sequence
@@ -101,6 +102,7 @@ class CandidateTimer:
             log.warning("plan: tuning database unavailable (%s); measured choices will not be kept", exc)
             self.db = None
         self._timer = kernels
+        self._direct_conv = None  # a conv_timing.DirectConvTimer, made when a convolution is first timed
         self._owns_timer = kernels is None
         self.timed = 0
         self.reused = 0
@@ -130,6 +132,42 @@ class CandidateTimer:
         self.timed += len(timed)
         known.update(timed)
         return {name: sum(known[(name, t)] for t in tokens) for name in candidates}
+
+    def conv_seconds(self, weight: torch.Tensor, phase_matrix: torch.Tensor, geometry,
+                     analysed=None) -> dict[str, float]:
+        """Measured seconds of "dense" (PyTorch's convolution) and "csr" (the direct kernel, with its phase split)
+        for one k x k convolution (sparsecc/planning/conv_timing.py), kept in the tuning database like the
+        others: the dense one under the geometry, the sparse one also under its work."""
+        import tvm
+
+        from sparsecc.conv_work import CONV_TEMPLATE_VERSION
+        from sparsecc.planning.conv_timing import dense_conv_seconds
+
+        spec = TuningKey.spec_json(json.loads(geometry.to_json()))
+        work = {"dense": "any", "csr": work_signature(weight.reshape(weight.shape[0], -1), "csr", self.threads,
+                                                      analysed)}
+        result = {}
+        for name, measure in (("dense", lambda: dense_conv_seconds(geometry)),
+                              ("csr", lambda: self._direct_conv_timer().seconds(weight, phase_matrix, geometry))):
+            key = TuningKey(str(self.target), tvm.__version__, sparsecc.__version__, f"{TEMPLATE_PREFIX}conv-{name}",
+                            CONV_TEMPLATE_VERSION, spec, work[name])
+            record = self._get(key)
+            if record is not None:
+                self.reused += 1
+                result[name] = record.best_us * 1e-6
+                continue
+            seconds = min(measure() for _ in range(ROUNDS))
+            self._put(TuningRecord(key, {}, seconds * 1e6, seconds * 1e6, ROUNDS, True, "local"))
+            self.timed += 1
+            result[name] = seconds
+        return result
+
+    def _direct_conv_timer(self):
+        from sparsecc.planning.conv_timing import DirectConvTimer
+
+        if self._direct_conv is None:
+            self._direct_conv = DirectConvTimer(self.target)
+        return self._direct_conv
 
     def _key(self, matrix: torch.Tensor, work: str, tokens: int, name: str) -> TuningKey:
         import tvm
