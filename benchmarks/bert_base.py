@@ -30,7 +30,7 @@ from transformers import BertConfig, BertModel
 import sparsecc
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
 from sparsecc.sparsify import prune_linears_
-from sparsecc.measure.clock import Timing, interleaved, timing_table
+from sparsecc.measure.clock import interleaved, timing_table
 from sparsecc.tolerances import assert_outputs_close
 
 
@@ -76,22 +76,10 @@ def measure(sparsity: float, repeats: int, peers: list[str], workdir: Path, bloc
 
 
 def _time_onnx_engines(model, ids, expected, engines, repeats, onnx_path: Path, compile_s: dict) -> dict:
-    import numpy as np
+    from peers import time_onnx_engines
 
-    from peers import ensure_peer_env, export_onnx, time_in_peer
-
-    python = ensure_peer_env(REPO_ROOT)
-    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
-    export_onnx(model, args, onnx_path)
-    feeds = dict(zip(["input_ids", "attention_mask", "token_type_ids"], (a.numpy() for a in args)))
-    results = {}
-    for engine in engines:
-        r = time_in_peer(python, onnx_path, engine, feeds, threads=torch.get_num_threads(), warmup=3, repeats=repeats)
-        torch.testing.assert_close(torch.from_numpy(np.load(r["outputs_path"])), expected, rtol=1e-3, atol=1e-3)
-        compile_s[engine] = round(r["compile_s"], 1)
-        results[engine] = Timing(r["min_ms"], r["median_ms"], r["max_ms"])
-    onnx_path.unlink()
-    return results
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    return time_onnx_engines(model, inputs, expected, engines, repeats, onnx_path, compile_s)
 
 
 def main() -> None:

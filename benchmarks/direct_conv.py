@@ -47,8 +47,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    timer = DirectConvTimer(host_target())
-    print(f"target {host_target()}, {torch.get_num_threads()} threads, median us")
+    timer = DirectConvTimer(host_target(torch.get_num_threads()))
+    print(f"target {host_target(torch.get_num_threads())}, {torch.get_num_threads()} threads, median us")
     for shape in args.shapes:
         channels, side = (int(v) for v in shape.split("x"))
         geo = geometry(channels, side)

@@ -161,3 +161,24 @@ def time_in_peer(python: Path, onnx_path: Path, engine: Literal["deepsparse", "o
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["outputs_path"] = Path(result["outputs_path"])
     return result
+
+
+def time_onnx_engines(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], expected: torch.Tensor,
+                      engines: Sequence[str], repeats: int, onnx_path: Path, compile_s: dict) -> dict:
+    """Export `model` on `inputs` (name -> tensor, in forward's order) and time it on each engine in the peer
+    environment, each first output checked against `expected`; returns engine -> sparsecc.measure.clock.Timing and
+    records each engine's compile seconds in `compile_s`."""
+    from sparsecc.measure.clock import Timing
+
+    python = ensure_peer_env(REPO_ROOT)
+    export_onnx(model, tuple(inputs.values()), onnx_path, input_names=list(inputs))
+    feeds = {name: t.numpy() for name, t in inputs.items()}
+    results = {}
+    for engine in engines:
+        r = time_in_peer(python, onnx_path, engine, feeds, threads=torch.get_num_threads(), warmup=3, repeats=repeats)
+        torch.testing.assert_close(torch.from_numpy(np.load(r["outputs_path"])), expected, rtol=1e-3, atol=1e-3)
+        compile_s[engine] = round(r["compile_s"], 1)
+        results[engine] = Timing(r["min_ms"], r["median_ms"], r["max_ms"])
+    Path(onnx_path).unlink()
+    return results
+

@@ -23,7 +23,7 @@ import torch
 
 import sparsecc  # noqa: F401  (registers the backend)
 import sparsecc.codegen.targets  # noqa: F401  (sizes TVM's pool before anything else starts it)
-from sparsecc.measure.clock import Timing, interleaved, timing_table
+from sparsecc.measure.clock import interleaved, timing_table
 from sparsecc.sparsify import magnitude_prune_
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,29 +70,13 @@ def measure(sparsity: float, batch: int, repeats: int, peers: list[str], workdir
         results = interleaved(candidates, repeats=repeats)
     engines = [p for p in peers if p in ONNX_ENGINES]
     if engines:
-        results.update(_time_onnx_engines(model, x, expected, engines, repeats, workdir / f"resnet50_{sparsity}.onnx",
-                                          compile_s))
+        from peers import time_onnx_engines
+
+        results.update(time_onnx_engines(model, {"pixel_values": x}, expected, engines, repeats,
+                                         workdir / f"resnet50_{sparsity}.onnx", compile_s))
     print(f"\nResNet-50, batch {batch}, convolutions {sparsity:.0%} zeros (compile s: {compile_s})")
     print(timing_table(results, baseline="eager"))
     return {k: v.median_ms for k, v in results.items()}
-
-
-def _time_onnx_engines(model, x, expected, engines, repeats, onnx_path: Path, compile_s: dict) -> dict:
-    import numpy as np
-
-    from peers import ensure_peer_env, export_onnx, time_in_peer
-
-    python = ensure_peer_env(REPO_ROOT)
-    export_onnx(model, (x,), onnx_path, input_names=["pixel_values"])
-    results = {}
-    for engine in engines:
-        r = time_in_peer(python, onnx_path, engine, {"pixel_values": x.numpy()}, threads=torch.get_num_threads(),
-                         warmup=3, repeats=repeats)
-        torch.testing.assert_close(torch.from_numpy(np.load(r["outputs_path"])), expected, rtol=1e-3, atol=1e-3)
-        compile_s[engine] = round(r["compile_s"], 1)
-        results[engine] = Timing(r["min_ms"], r["median_ms"], r["max_ms"])
-    onnx_path.unlink()
-    return results
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from tvm import relax
 
 from sparsecc.codegen.kernels.cpu.attention import attention_kernel
 from sparsecc.kernel_work import ACTIVATIONS as KERNEL_ACTIVATIONS
+from sparsecc.kernel_work import CONV_ACTIVATIONS
 from sparsecc.codegen.kernels.cpu.bsr import bsr_linear_kernel
 from sparsecc.kernel_work import KernelKnobs, default_knobs, token_tiled_shape
 from sparsecc.codegen.executable import aligned
@@ -208,7 +209,10 @@ def _sparse_conv_check(node: fx.Node) -> bool:
     # The kernel reads offsets worked out from the weight's columns: the packed weight must be this graph's own.
     if _graph_constant(indptr) is None or _graph_constant(indices) is None or tuple(vs[0][1:]) != (1, 1):
         return False
-    if activation not in KERNEL_ACTIVATIONS:
+    if activation not in CONV_ACTIVATIONS:
+        return False
+    residual = node.args[9] if len(node.args) > 9 else None
+    if residual is not None and shape_dtype(residual) != ((xs[0][0], out_channels, *out_size), xs[1]):
         return False
     _, _, hq, wq = xs[0]
     if out_size[0] + kernel[0] - 1 > hq or out_size[1] + kernel[1] - 1 > wq:
@@ -224,26 +228,30 @@ CONV_KNOBS_META = "sparsecc_conv_knobs"
 def _sparse_conv2d(ctx: LoweringContext, node: fx.Node, args: tuple) -> relax.Expr:
     x, _, _, values, bias, out_channels, kernel, out_size = args[:8]
     activation = node.args[8] if len(node.args) > 8 else "none"
+    residual = args[9] if len(args) > 9 else None
     (batch, channels, hq, wq), dtype = shape_dtype(node.args[0])
     name = dtype_name(dtype)
-    knobs = node.meta.get(CONV_KNOBS_META) or ConvKnobs()
-    indptr, columns = _graph_constant(node.args[1]), _graph_constant(node.args[2]).long()
     taps = kernel[0] * kernel[1]
+    knobs = (node.meta.get(CONV_KNOBS_META) or ConvKnobs()).for_taps(taps)
+    indptr, columns = _graph_constant(node.args[1]), _graph_constant(node.args[2]).long()
     channel, tap = columns // taps, columns % taps
     offsets = (channel * (hq * wq) + (tap // kernel[1]) * wq + tap % kernel[1]).to(torch.int32)
     pointers = torch.from_numpy(chunk_pointers(indptr.numpy(), columns.numpy(), taps, knobs.chunk, channels))
     if bias is None:
         bias = relax.const(tvm.runtime.from_dlpack(torch.zeros(out_channels, dtype=dtype)))
-    key = ("sparse_conv2d", batch, channels, hq, wq, out_channels, tuple(out_size), name, activation, knobs)
+    fused = residual is not None
+    if residual is None:
+        residual = relax.const(tvm.runtime.from_dlpack(torch.zeros(1, 1, 1, 1, dtype=dtype)))
+    key = ("sparse_conv2d", batch, channels, hq, wq, out_channels, tuple(out_size), name, activation, fused, knobs)
     gv = ctx.kernel(key, lambda: direct_conv_kernel(batch, channels, (hq, wq), out_channels, tuple(out_size), name,
-                                                    activation, knobs=knobs),
+                                                    activation, fused, knobs=knobs),
                     f"csr_conv_{batch}x{channels}x{hq}x{wq}_to_{out_channels}x{out_size[0]}x{out_size[1]}_{name}"
-                    + ("" if activation == "none" else f"_{activation}"))
+                    + ("" if activation == "none" else f"_{activation}") + ("_residual" if fused else ""))
     flat = ctx.bb.emit(relax.op.reshape(x, (batch, channels * hq * wq)))
     stored = shape_dtype(node.args[3])[0][0]
     return relax.call_tir(gv, [flat, relax.const(tvm.runtime.from_dlpack(aligned(pointers))),
                                relax.const(tvm.runtime.from_dlpack(aligned(offsets))),
-                               ctx.bb.emit(relax.op.reshape(values, (stored,))), bias],
+                               ctx.bb.emit(relax.op.reshape(values, (stored,))), bias, residual],
                           relax.TensorType((batch, out_channels, *out_size), name))
 
 

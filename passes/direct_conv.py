@@ -23,7 +23,7 @@ from torch import fx
 
 from sparsecc.conv_work import tail_rows
 from sparsecc.passes.graph_utils import shape_dtype
-from sparsecc.passes.pointwise_conv import conv_arguments, is_channels_last
+from sparsecc.passes.pointwise_conv import conv_arguments, is_channels_last, no_sparse_kernel
 
 aten = torch.ops.aten
 # The use analysis records for a convolution sparsecc runs with the direct kernel (WeightUse.op).
@@ -97,16 +97,11 @@ def _pair(v) -> tuple[int, int]:
 def why_not_direct(node: fx.Node, weight: torch.Tensor) -> str | None:
     """None when `node` (aten.convolution with constant `weight`) is one the direct kernel computes; else what it
     is, for the plan's reason line."""
-    x, _, _, stride, padding, dilation, transposed, _, groups = conv_arguments(node)[:9]
-    info = shape_dtype(x) if isinstance(x, fx.Node) else None
-    out = shape_dtype(node)
-    if weight.dim() != 4 or info is None or len(info[0]) != 4 or out is None:
-        return f"a {weight.dim() - 2}-D convolution (only 2-D ones have a sparse kernel)"
+    if (why := no_sparse_kernel(node, weight)) is not None:
+        return why
+    x = conv_arguments(node)[0]
+    info, out = shape_dtype(x), shape_dtype(node)
     kernel = "x".join(map(str, weight.shape[2:]))
-    if transposed:
-        return f"a transposed {kernel} convolution"
-    if groups != 1:
-        return f"a {kernel} convolution in {groups} groups (grouped and depthwise ones stay dense)"
     if info[1] not in DIRECT_DTYPES or info[1] != weight.dtype:
         return f"a {kernel} convolution of {info[1]} inputs and {weight.dtype} weights"
     if any(not isinstance(d, int) for d in (*info[0], *out[0])):

@@ -1,6 +1,6 @@
-"""Fuse what follows a sparse_linear into its epilogue: an activation (ReLU, GELU) and then a residual add; and an
-activation that follows a sparse_conv2d (through the copy that restores a channels-last output's memory format,
-which an activation commutes with).
+"""Fuse what follows a sparse op into its epilogue: after a sparse_linear an activation (ReLU, GELU) and then a
+residual add; after a sparse_conv2d a residual add and then an activation (also ReLU6, SiLU), through the copy that
+restores a channels-last output's memory format, which elementwise ops commute with.
 
 Each fused op saves a full pass over the layer's output in memory. The pattern is looked for through reshapes,
 because a Linear on 3-D input becomes `view(sparse_linear(view(x)))` and the activation or the add applies to
@@ -12,19 +12,24 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from sparsecc.kernel_work import ACTIVATIONS as KERNEL_ACTIVATIONS
 from sparsecc.ops import SPARSE_LINEAR_OPS, sparse_linear_args
 from sparsecc.passes.graph_utils import RESHAPE_OPS, shape_dtype
 from sparsecc.settings import Settings
 
 aten = torch.ops.aten
 ACTIVATION, RESIDUAL = 6, 7  # positions in sparse_linear's arguments
-CONV_ACTIVATION = 8  # in sparse_conv2d's
+CONV_ACTIVATION, CONV_RESIDUAL = 8, 9  # in sparse_conv2d's
 SPARSE_CONV = torch.ops.sparsecc.sparse_conv2d.default
 
 
 def _activation(node: fx.Node) -> str | None:
     if node.target is aten.relu.default:
         return "relu"
+    if node.target is aten.silu.default:
+        return "silu"
+    if node.target is aten.hardtanh.default and tuple(node.args[1:3]) == (0.0, 6.0) and not node.kwargs:
+        return "relu6"
     if node.target is aten.gelu.default:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
     return None
@@ -36,7 +41,7 @@ def fuse_epilogues(gm: fx.GraphModule, settings: Settings) -> int:
     fused = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is SPARSE_CONV:
-            fused += _fuse_conv_activation(gm, node)
+            fused += _fuse_conv_epilogue(gm, node, order)
             continue
         if node.op != "call_function" or node.target not in SPARSE_LINEAR_OPS:
             continue
@@ -44,7 +49,7 @@ def fuse_epilogues(gm: fx.GraphModule, settings: Settings) -> int:
         end = _through_reshapes(node)
         user = _only_user(end)
         act = _activation(user) if user is not None else None
-        if act is not None and args[ACTIVATION] == "none":
+        if act in KERNEL_ACTIVATIONS and args[ACTIVATION] == "none":
             args[ACTIVATION] = act
             user.replace_all_uses_with(end)
             gm.graph.erase_node(user)
@@ -71,20 +76,37 @@ def fuse_epilogues(gm: fx.GraphModule, settings: Settings) -> int:
     return fused
 
 
-def _fuse_conv_activation(gm: fx.GraphModule, node: fx.Node) -> int:
-    args = list(node.args) + ["none"] * (CONV_ACTIVATION + 1 - len(node.args))
+def _fuse_conv_epilogue(gm: fx.GraphModule, node: fx.Node, order: dict) -> int:
+    """A residual add, then an activation, into a sparse_conv2d: relu(conv(x) + shortcut) is how a ResNet block
+    ends. Both are looked for through the copy that restores a channels-last output's memory format, which an
+    elementwise op commutes with."""
+    args = list(node.args) + ["none", None][len(node.args) - CONV_ACTIVATION:]
     end = node
     user = _only_user(end)
     if user is not None and user.target is aten.clone.default and user.args[0] is end:
         end, user = user, _only_user(user)
+    fused = 0
+    residual = _residual_operand(user, end, shape_dtype(node)) if user is not None else None
+    if residual is not None and args[CONV_RESIDUAL] is None and args[CONV_ACTIVATION] == "none":
+        # A shortcut computed after the convolution (HF's ResNet does the main path first): the convolution, whose
+        # only use is this add, moves down to just before it, where both operands exist.
+        if order.get(residual, len(order)) > order[node]:
+            user.prepend(node)
+            if end is not node:
+                user.prepend(end)
+        args[CONV_RESIDUAL] = residual
+        user.replace_all_uses_with(end)
+        gm.graph.erase_node(user)
+        user = _only_user(end)
+        fused += 1
     act = _activation(user) if user is not None else None
-    if act is None or args[CONV_ACTIVATION] != "none":
-        return 0
-    args[CONV_ACTIVATION] = act
+    if act is not None and args[CONV_ACTIVATION] == "none":
+        args[CONV_ACTIVATION] = act
+        user.replace_all_uses_with(end)
+        gm.graph.erase_node(user)
+        fused += 1
     node.args = tuple(args)
-    user.replace_all_uses_with(end)
-    gm.graph.erase_node(user)
-    return 1
+    return fused
 
 
 def _through_reshapes(node: fx.Node) -> fx.Node:

@@ -13,13 +13,15 @@ dense by `min_gain`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from typing import Callable
 
 from torch import fx
 
-from sparsecc.formats import (ELL_CANDIDATE, FormatChoice, SparseFormat, SparsePlan, WeightSparsity, candidate_block,
-                              candidate_format, candidate_name)
+from sparsecc.formats import (DIRECT_KERNEL, ELL_CANDIDATE, FormatChoice, SparseFormat, SparsePlan, WeightSparsity,
+                              candidate_block, candidate_format, candidate_name)
 from sparsecc.passes.analyze_weights import analysed_weights, as_matrix
 from sparsecc.passes.graph_utils import constant_of
 from sparsecc.passes.direct_conv import DIRECT_USE, ConvGeometry, phase_weight
@@ -87,6 +89,9 @@ def plan_formats(gm: fx.GraphModule, settings: Settings, pricing: Pricing | Mach
                 else:
                     choices[name] = choose_format(w, settings, pricing.machine,
                                                   _timing(timer, as_matrix(tensors[name], w), w))
+                    if direct_pointwise(w):
+                        choices[name] = prefer_direct_pointwise(choices[name], w, settings,
+                                                                _conv_timing(timer, tensors[name], w))
                 update(1, name)
         finally:
             close()
@@ -131,6 +136,42 @@ def _conv_timing(timer, tensor, w: WeightSparsity) -> Callable[[], dict[str, flo
 def direct_conv(w: WeightSparsity) -> bool:
     """Whether the weight feeds only k x k convolutions the direct kernel computes."""
     return bool(w.uses) and all(u.op == DIRECT_USE for u in w.uses)
+
+
+def direct_pointwise(w: WeightSparsity) -> bool:
+    """Whether the weight feeds only 1x1 convolutions that the direct kernel could also compute (analysis gave each
+    use its geometry)."""
+    return bool(w.uses) and all(u.op == POINTWISE_USE and u.conv for u in w.uses)
+
+
+def prefer_direct_pointwise(choice: FormatChoice, w: WeightSparsity, settings: Settings,
+                            measure: Callable[[], dict[str, float] | None]) -> FormatChoice:
+    """`choice` (a matrix product over channels-last pixels, or dense) or the direct kernel for a 1x1 convolution,
+    whichever measured faster. The matrix product's time leaves out the copies into and out of channels-last rows
+    that an NCHW input costs, and the direct kernel's includes its own, so the comparison leans to the product.
+    Why both: the direct kernel wins on large images (64->256 at 56x56: about half the product's time here), the
+    product on small ones with many channels (7x7: a band of 7 pixels is too short a run)."""
+    if not allowed("csr", settings.formats) or w.nnz == 0 or w.numel < settings.min_weight_numel or \
+            w.dtype not in SPARSE_DTYPES:
+        return choice
+    seconds = measure()
+    if not seconds:
+        return choice
+    direct_us, dense_us = seconds["csr"] * 1e6, seconds["dense"] * 1e6
+    product_us = choice.measured.get(choice.candidate) if choice.format is not SparseFormat.DENSE else None
+    gain = max(settings.min_gain, MEASURED_MIN_GAIN)
+    measured = {**choice.measured, "direct": round(direct_us, 2), "dense conv": round(dense_us, 2)}
+    rivals = f"PyTorch's convolution {dense_us:.0f} us" + (
+        f", {choice.candidate} product {product_us:.0f} us" if product_us is not None else "")
+    if direct_us * gain < min(dense_us, product_us or dense_us):
+        return FormatChoice(SparseFormat.CSR, None, direct_us / dense_us,
+                            f"density {w.density:.3f}: a 1x1 convolution, direct kernel measured {direct_us:.0f} us "
+                            f"({rivals})", choice.predictions, measured, DIRECT_KERNEL)
+    if product_us is not None and dense_us * gain < product_us:
+        return FormatChoice(SparseFormat.DENSE, None, 1.0, f"density {w.density:.3f}: a 1x1 convolution, stays dense: "
+                            f"PyTorch's convolution measured faster (direct kernel {direct_us:.0f} us, {rivals})",
+                            choice.predictions, measured)
+    return dataclasses.replace(choice, measured=measured)
 
 
 def choose_direct_conv(w: WeightSparsity, settings: Settings,

@@ -27,18 +27,28 @@ def conv_arguments(node: fx.Node) -> tuple:
     return tuple(node.args) + tuple(node.kwargs.values())
 
 
-def why_not_pointwise(node: fx.Node, weight: torch.Tensor) -> str | None:
-    """None when `node` (aten.convolution with constant `weight`) is a 1x1 convolution sparsecc runs as a matrix
-    product; else what it is, for the plan's reason line."""
-    x, _, _, stride, padding, _, transposed, _, groups = conv_arguments(node)[:9]
+def no_sparse_kernel(node: fx.Node, weight: torch.Tensor) -> str | None:
+    """What makes a convolution one no sparse kernel takes (neither the product nor the direct kernel), or None."""
+    x, _, _, _, _, _, transposed, _, groups = conv_arguments(node)[:9]
     info = shape_dtype(x) if isinstance(x, fx.Node) else None
-    if weight.dim() != 4 or info is None or len(info[0]) != 4:
+    if weight.dim() != 4 or info is None or len(info[0]) != 4 or shape_dtype(node) is None:
         return f"a {weight.dim() - 2}-D convolution (only 2-D ones have a sparse kernel)"
     kernel = "x".join(map(str, weight.shape[2:]))
     if transposed:
         return f"a transposed {kernel} convolution"
     if groups != 1:
-        return f"a {kernel} convolution in {groups} groups"
+        return f"a {kernel} convolution in {groups} groups (grouped and depthwise ones stay dense)"
+    return None
+
+
+def why_not_pointwise(node: fx.Node, weight: torch.Tensor) -> str | None:
+    """None when `node` (aten.convolution with constant `weight`) is a 1x1 convolution sparsecc runs as a matrix
+    product; else what it is, for the plan's reason line."""
+    x, _, _, stride, padding = conv_arguments(node)[:5]
+    info = shape_dtype(x) if isinstance(x, fx.Node) else None
+    if (why := no_sparse_kernel(node, weight)) is not None:
+        return why
+    kernel = "x".join(map(str, weight.shape[2:]))
     if tuple(weight.shape[2:]) != (1, 1):
         return f"a {kernel} convolution (only 1x1 convolutions have a sparse kernel yet)"
     if any(p != 0 for p in padding):

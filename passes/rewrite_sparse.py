@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from sparsecc.formats import SparseFormat, SparsePlan
+from sparsecc.formats import DIRECT_KERNEL, SparseFormat, SparsePlan
 from sparsecc.packing import pack_choice
 from sparsecc.passes.graph_utils import add_constant, constant_of, drop_unused_constants, shape_dtype
 from sparsecc.passes.direct_conv import ConvGeometry, phase_input, phase_weight
@@ -34,14 +34,19 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
     chosen = {k: c for k, c in plan.choices.items() if c.format is not SparseFormat.DENSE}
     packed: dict[tuple[str, bool], tuple[fx.Node, fx.Node, fx.Node]] = {}
     count = 0
+    # Read off the graph as captured: once a convolution is replaced, the next one's input is a new node.
+    geometries = {n: ConvGeometry.of(n, constant_of(gm, n.args[1])) for n in gm.graph.nodes
+                  if n.op == "call_function" and n.target is CONVOLUTION and isinstance(n.args[1], fx.Node)
+                  and n.args[1].op == "get_attr" and n.args[1].target in chosen}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is CONVOLUTION:
             weight = node.args[1]
             if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in chosen:
-                if why_not_pointwise(node, constant_of(gm, weight)) is None:
+                choice = chosen[weight.target]
+                if why_not_pointwise(node, constant_of(gm, weight)) is None and choice.kernel != DIRECT_KERNEL:
                     _replace_pointwise_conv(gm, node, weight, chosen[weight.target], packed)
                 else:  # analysis admitted only convolutions the direct kernel takes
-                    _replace_direct_conv(gm, node, weight, chosen[weight.target], packed)
+                    _replace_direct_conv(gm, node, weight, chosen[weight.target], packed, geometries[node])
                 count += 1
             continue
         if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
@@ -86,9 +91,8 @@ def _replace_pointwise_conv(gm, node, weight, choice, packed) -> None:
     graph.erase_node(node)
 
 
-def _replace_direct_conv(gm, node, weight, choice, packed) -> None:
+def _replace_direct_conv(gm, node, weight, choice, packed, geo: ConvGeometry) -> None:
     tensor = constant_of(gm, weight)
-    geo = ConvGeometry.of(node, tensor)
     # The phase weight depends on the stride and dilation: one weight in convolutions of different ones packs twice.
     key = (weight.target, "conv", geo.stride, geo.dilation)
     indptr, indices, values = _packed(gm, node, weight, phase_weight(tensor, geo), False, choice, packed, key)
@@ -100,6 +104,10 @@ def _replace_direct_conv(gm, node, weight, choice, packed) -> None:
             (x, indptr, indices, values, node.args[2], geo.out_channels, list(geo.phase_kernel), list(geo.out_size)))
         if geo.channels_last:  # eager's output keeps the input's memory format; later views may depend on it
             y = graph.call_function(aten.clone.default, (sparse,), {"memory_format": torch.channels_last})
+    # Shapes for the passes before the next shape propagation (epilogue fusion matches a residual's shape).
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        sparse.meta["val"], y.meta["val"] = val.contiguous(), val
     sparse.meta[REWRITTEN] = weight.target
     node.replace_all_uses_with(y)
     graph.erase_node(node)

@@ -9,7 +9,7 @@ import dataclasses
 from sparsecc.kernel_work import STACK_LIMIT_BYTES, elem_bytes
 
 # Bump when the generated code changes: timings stored for an older kernel are then ignored.
-CONV_TEMPLATE_VERSION = 1
+CONV_TEMPLATE_VERSION = 2
 # Bytes of the widest vector register the kernels' targets have (as codegen/kernels/cpu/transpose.VECTOR_BYTES).
 VECTOR_BYTES = 64
 
@@ -28,8 +28,25 @@ class ConvKnobs:
     56x56, 28x28 and 14x14, 90 % sparse (benchmarks/direct_conv.py --sweep, --densities)."""
 
     rows: int | None = None
-    chunk: int = 16
+    chunk: int | None = None  # None: `default_chunk` of the kernel's taps
     group: int = 64
+
+    def for_taps(self, taps: int) -> "ConvKnobs":
+        """These knobs with the chunk decided for a kernel of `taps` taps (the kernel itself sees only offsets)."""
+        return self if self.chunk is not None else dataclasses.replace(self, chunk=default_chunk(taps))
+
+
+# Candidate weights (input channels x taps) per output channel in one chunk. Measured best here: 16 channels of a
+# 3x3 (144) and 256 of a 1x1 (1x1 convolutions 256->64 @56 to 2048->512 @7: 1.2-1.5x faster than 16 or 64
+# channels); fewer candidates leave too few stored weights per chunk to pay for loading and storing its
+# accumulators, more push the chunk's input band out of L1/L2.
+CHUNK_CANDIDATES = 256
+
+
+def default_chunk(taps: int) -> int:
+    """The largest power of two of input channels with at most CHUNK_CANDIDATES candidate weights, at least 8."""
+    channels = max(1, CHUNK_CANDIDATES // max(1, taps))
+    return max(8, 1 << (channels.bit_length() - 1))
 
 
 def chunk_count(channels: int, chunk: int) -> int:

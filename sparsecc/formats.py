@@ -101,6 +101,7 @@ class WeightSparsity:
 
 
 ELL_CANDIDATE = "ell"
+DIRECT_KERNEL = "direct"  # FormatChoice.kernel of a 1x1 convolution the direct kernel runs
 
 
 def candidate_name(block: tuple[int, int]) -> str:
@@ -132,6 +133,9 @@ class FormatChoice:
     predictions: Mapping[str, float] = dataclasses.field(default_factory=dict)
     # Measured microseconds of the candidates timed on the weight (cost_model="measured"); they decided.
     measured: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # Which kernel runs a sparse 1x1 convolution: "" (a matrix product over channels-last pixels) or DIRECT_KERNEL
+    # (the direct convolution kernel over NCHW, which needs no layout change for an NCHW input).
+    kernel: str = ""
 
     @property
     def candidate(self) -> str:
@@ -162,7 +166,7 @@ class SparsePlan:
                 "choices": {
                     k: {"format": c.format.value, "block": list(c.block) if c.block else None,
                         "est_cost": c.est_cost, "reason": c.reason, "predictions": dict(c.predictions),
-                        "measured": dict(c.measured)}
+                        "measured": dict(c.measured), "kernel": c.kernel}
                     for k, c in self.choices.items()
                 },
             },
@@ -176,7 +180,8 @@ class SparsePlan:
         weights = {k: _weight_from_dict(w) for k, w in data["weights"].items()}
         choices = {
             k: FormatChoice(SparseFormat(c["format"]), tuple(c["block"]) if c["block"] else None,
-                            float(c["est_cost"]), c["reason"], c.get("predictions", {}), c.get("measured", {}))
+                            float(c["est_cost"]), c["reason"], c.get("predictions", {}), c.get("measured", {}),
+                            c.get("kernel", ""))
             for k, c in data["choices"].items()
         }
         return cls(choices=choices, weights=weights, machine=data.get("machine", ""))

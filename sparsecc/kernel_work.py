@@ -36,6 +36,8 @@ MAX_TASKS = 48
 # Columns of x transposed together: 16 fp32 values fill one 64-byte cache line.
 TRANSPOSE_STRIP = 16
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
+# The direct convolution kernel also fuses the ones CNNs use (MobileNet: ReLU6; EfficientNet, YOLO: SiLU).
+CONV_ACTIVATIONS = (*ACTIVATIONS, "relu6", "silu")
 
 
 def prefers_token_outer(k: int) -> bool:

@@ -14,6 +14,8 @@ ACTIVATIONS = {
     "relu": torch.relu,
     "gelu": torch.nn.functional.gelu,
     "gelu_tanh": lambda y: torch.nn.functional.gelu(y, approximate="tanh"),
+    "relu6": torch.nn.functional.relu6,
+    "silu": torch.nn.functional.silu,
 }
 
 
@@ -66,22 +68,26 @@ def sparse_conv2d(
     kernel: list[int],
     out_size: list[int],
     activation: str = "none",
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = activation(conv2d(x, W) + bias), stride 1, no padding, cropped to `out_size`, for x (N, C, Hq, Wq)
-    already padded (passes/direct_conv.py), with W the (out_channels, C * kh * kw) matrix in CSR (`values` is
-    (stored, 1, 1), as sparse_linear takes it). y is (N, out_channels, *out_size), contiguous."""
+    """y = activation(conv2d(x, W) + bias + residual), stride 1, no padding, cropped to `out_size`, for x (N, C, Hq,
+    Wq) already padded (passes/direct_conv.py), with W the (out_channels, C * kh * kw) matrix in CSR (`values` is
+    (stored, 1, 1), as sparse_linear takes it). y and residual are (N, out_channels, *out_size); y is contiguous.
+    The residual comes before the activation (unlike sparse_linear's): a ResNet block is relu(conv(x) + shortcut)."""
     size = (out_channels, x.shape[1] * kernel[0] * kernel[1])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SPARSE_BETA)
         weight = torch.sparse_csr_tensor(indptr, indices.to(indptr.dtype), values.reshape(-1), size,
                                          check_invariants=False).to_dense()
     y = torch.nn.functional.conv2d(x, weight.reshape(out_channels, x.shape[1], *kernel), bias)
-    y = ACTIVATIONS[activation](y[:, :, :out_size[0], :out_size[1]])
-    return y.contiguous()
+    y = y[:, :, :out_size[0], :out_size[1]]
+    if residual is not None:
+        y = y + residual
+    return ACTIVATIONS[activation](y).contiguous()
 
 
 @sparse_conv2d.register_fake
-def _(x, indptr, indices, values, bias, out_channels, kernel, out_size, activation="none"):
+def _(x, indptr, indices, values, bias, out_channels, kernel, out_size, activation="none", residual=None):
     return x.new_empty((x.shape[0], out_channels, *out_size))
 
 

@@ -150,3 +150,117 @@ def test_convolution_artifact_loads_and_matches(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), **FP32)
     assert loaded.region_calls >= 1 and len(loaded.manifest["sparse_weights"]) == 3
+
+
+class ResidualBlock(nn.Module):
+    """act(conv(act(conv(x))) + x): the end of a ResNet basic block, with the activation to fuse."""
+
+    def __init__(self, channels: int, act: nn.Module):
+        super().__init__()
+        self.a = nn.Conv2d(channels, channels, 3, padding=1)
+        self.b = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.b(self.act(self.a(x))) + x)
+
+
+@pytest.mark.parametrize("act, aten_name", [(nn.ReLU(), "relu"), (nn.ReLU6(), "hardtanh"), (nn.SiLU(), "silu")])
+def test_residual_add_and_activation_fuse_into_the_direct_kernel(no_fallback, act, aten_name):
+    model = prune_convs_(nn.Sequential(ResidualBlock(16, act), ResidualBlock(16, act)))
+    actual, expected, watch = run_both(model, torch.randn(2, 16, 12, 12), cost_model="break-even")
+    torch.testing.assert_close(actual, expected, **FP32)
+    gm = watch.graphs[0].state.gm
+    left = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    # Every add and activation went into a kernel's epilogue, so the four convolutions are one region.
+    assert not any(aten_name in t or "add" in t for t in left), left
+    assert watch.sparse_ops == 4 and len(watch.graphs[0].state.regions) == 1
+
+
+def test_a_1x1_convolution_takes_the_direct_kernel_only_when_it_measures_faster():
+    from sparsecc.formats import DIRECT_KERNEL, FormatChoice, SparseFormat, WeightSparsity, WeightUse
+    from sparsecc.passes.plan_formats import direct_pointwise, prefer_direct_pointwise
+    from sparsecc.settings import Settings
+
+    use = WeightUse("conv1x1", 1, "conv", 3136, conv="{}")
+    w = WeightSparsity(name="w", shape=(256, 64, 1, 1), dtype="float32", nnz=1638, source_layout="strided",
+                       uses=(use,))
+    assert direct_pointwise(w)
+    product = FormatChoice(SparseFormat.BSR, (4, 1), 0.7, "bsr4x1 measured", {}, {"dense": 430.0, "bsr4x1": 300.0})
+    settings = Settings()
+    faster = prefer_direct_pointwise(product, w, settings, lambda: {"csr": 150e-6, "dense": 430e-6})
+    assert faster.kernel == DIRECT_KERNEL and faster.format is SparseFormat.CSR and "150 us" in faster.reason
+    slower = prefer_direct_pointwise(product, w, settings, lambda: {"csr": 320e-6, "dense": 430e-6})
+    assert slower.kernel == "" and slower.block == (4, 1) and slower.measured["direct"] == 320.0
+    # PyTorch's own convolution beating the product it was priced against: dense.
+    dense = prefer_direct_pointwise(product, w, settings, lambda: {"csr": 320e-6, "dense": 200e-6})
+    assert dense.format is SparseFormat.DENSE and "PyTorch's convolution measured faster" in dense.reason
+    assert prefer_direct_pointwise(product, w, settings, lambda: None) is product  # timing failed: unchanged
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet-18 block, written out: conv-BN-ReLU, conv-BN, plus the (projected) input, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def resnet18(width: int = 16) -> nn.Module:
+    """ResNet-18's layout (stem, 4 stages of 2 basic blocks, pooling, classifier) at a small width."""
+    widths = [width, 2 * width, 4 * width, 8 * width]
+    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    c_in = width
+    for i, c in enumerate(widths):
+        layers += [BasicBlock(c_in, c, 1 if i == 0 else 2), BasicBlock(c, c, 1)]
+        c_in = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10)]
+    return nn.Sequential(*layers)
+
+
+def test_resnet18_written_as_modules_runs_every_block_sparse(no_fallback):
+    torch.manual_seed(0)
+    model = resnet18()
+    with torch.no_grad():  # batch-norm statistics that are not the identity, so folding them is tested
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model = prune_convs_(model)
+    actual, expected, watch = run_both(model, torch.randn(2, 3, 64, 64), cost_model="break-even")
+    torch.testing.assert_close(actual, expected, **FP32)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert watch.sparse_ops == len(convs)
+    gm = watch.graphs[0].state.gm
+    left = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in t for t in left), left  # folded into the convolutions
+    # Adds and ReLUs fused into the epilogues, except in the three blocks whose shortcut is a strided 1x1
+    # projection: that one runs as a matrix product over channels-last pixels, not in the direct kernel's layout.
+    projected = sum(1 for m in model.modules() if isinstance(m, BasicBlock) and m.downsample is not None)
+    assert left.count("aten.add.Tensor") == projected == 3 and left.count("aten.relu.default") == projected, left
+
+
+def test_mobilenet_v2_from_a_transformers_config(no_fallback):
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    torch.manual_seed(0)
+    config = MobileNetV2Config(depth_multiplier=0.35, image_size=64)
+    model = prune_convs_(MobileNetV2Model(config))
+    actual, expected, watch = run_both(model, torch.randn(1, 3, 64, 64), cost_model="break-even")
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, **FP32)
+    plan = watch.graphs[0].state.plan
+    depthwise = [c for c in plan.choices.values() if "groups" in c.reason]
+    assert depthwise and all(c.format.value == "dense" for c in depthwise)  # depthwise stays in PyTorch
+    assert watch.sparse_ops >= 10 and watch.region_calls > 0

@@ -70,6 +70,7 @@ class DirectConvTimer:
 
         hq, wq = geo.phase_size
         ka, kb = geo.phase_kernel
+        knobs = knobs.for_taps(ka * kb)
         key = (geo, knobs)
         if key not in self._built:
             func = direct_conv_kernel(geo.batch, geo.phase_channels, (hq, wq), geo.out_channels, geo.out_size,
@@ -91,7 +92,8 @@ class DirectConvTimer:
         def as_tvm(t):
             return tvm.runtime.from_dlpack(aligned(t))
 
-        fixed = [as_tvm(t) for t in (pointers, offsets, values.reshape(-1), bias)]
+        no_residual = torch.zeros(1, 1, 1, 1, dtype=x.dtype)
+        fixed = [as_tvm(t) for t in (pointers, offsets, values.reshape(-1), bias, no_residual)]
         out = as_tvm(y)
 
         phase = as_tvm(phase_input_eager(x, geo).reshape(geo.batch, -1))

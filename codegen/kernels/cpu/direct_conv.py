@@ -26,23 +26,26 @@ from tvm.script import tirx as T
 
 from sparsecc.codegen.kernels.cpu.bsr import erf_expr
 from sparsecc.conv_work import ConvKnobs, band_rows, chunk_count, run_length, vector_lanes
-from sparsecc.kernel_work import ACTIVATIONS
+from sparsecc.kernel_work import CONV_ACTIVATIONS
 
 
 def direct_conv_kernel(batch: int, channels: int, padded: tuple[int, int], out_channels: int,
-                       out_size: tuple[int, int], dtype: str, activation: str = "none", *,
+                       out_size: tuple[int, int], dtype: str, activation: str = "none", residual: bool = False, *,
                        knobs: ConvKnobs | None = None, index_dtype: str = "int32"):
     """PrimFunc `(x[batch, channels * Hp * Wp], chunk_ptr[out_channels, chunks + 1], offsets[nnz], values[nnz],
-    bias[out_channels], y[batch, out_channels, Ho, Wo])`: `offsets` hold each stored weight's input offset (module
+    bias[out_channels], r, y[batch, out_channels, Ho, Wo])`, r the residual added before the activation (y's shape;
+    with `residual` False, a (1, 1, 1, 1) buffer it ignores): `offsets` hold each stored weight's input offset (module
     docstring), `chunk_ptr[o, q]` where output channel o's weights from input channel `q * knobs.chunk` on begin
     (`chunk_pointers`). Hp includes `tail_rows` rows of zeros."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {CONV_ACTIVATIONS}")
     hp, wp = padded
     ho, wo = out_size
     if ho < 1 or wo < 1 or ho > hp or wo > wp:
         raise ValueError(f"output {ho}x{wo} does not fit the padded input {hp}x{wp}")
     knobs = knobs or ConvKnobs()
+    if knobs.chunk is None:
+        raise ValueError("direct_conv_kernel needs the knobs' chunk decided (ConvKnobs.for_taps)")
     rows = band_rows(ho, wo, wp, dtype, knobs.rows)
     run = run_length(rows, wo, wp, dtype)
     bands = (ho + rows - 1) // rows
@@ -65,20 +68,30 @@ def direct_conv_kernel(batch: int, channels: int, padded: tuple[int, int], out_c
         if activation == "gelu_tanh":
             return v * T.cast(0.5, dtype) * (T.cast(1, dtype) + T.tanh(T.cast(0.7978845608028654, dtype) * (
                 v + T.cast(0.044715, dtype) * v * v * v)))
+        if activation == "relu6":
+            return T.min(T.max(v, T.cast(0, dtype)), T.cast(6, dtype))
+        if activation == "silu":
+            return v / (T.cast(1, dtype) + T.exp(T.cast(0, dtype) - v))
         return v
 
+    def plus_residual(v, R, b, o, i, j):
+        return v + R[b, o, i, j] if residual else v
+
     @T.macro
-    def epilogue(part, Y, b, o, g, top):
+    def epilogue(part, Y, R, b, o, g, top):
         for i in T.unroll(rows):
             for h in T.unroll(whole):
                 for j in T.vectorized(lanes):
-                    Y[b, o, top + i, h * lanes + j] = activate(part[g, i * wp + h * lanes + j])
+                    Y[b, o, top + i, h * lanes + j] = activate(plus_residual(
+                        part[g, i * wp + h * lanes + j], R, b, o, top + i, h * lanes + j))
             if rest > 0:  # decided when the kernel is written: a vectorized loop of extent 0 fails to build
                 for j in T.vectorized(rest):
-                    Y[b, o, top + i, whole * lanes + j] = activate(part[g, i * wp + whole * lanes + j])
+                    Y[b, o, top + i, whole * lanes + j] = activate(plus_residual(
+                        part[g, i * wp + whole * lanes + j], R, b, o, top + i, whole * lanes + j))
 
     @T.prim_func(private=True)
-    def kernel(x: T.handle, indptr: T.handle, offsets: T.handle, values: T.handle, bias: T.handle, y: T.handle):
+    def kernel(x: T.handle, indptr: T.handle, offsets: T.handle, values: T.handle, bias: T.handle, r: T.handle,
+               y: T.handle):
         T.func_attr({"tir.noalias": True})
         nnz = T.int64()
         X = T.match_buffer(x, (batch, plane), dtype)
@@ -86,6 +99,7 @@ def direct_conv_kernel(batch: int, channels: int, padded: tuple[int, int], out_c
         F = T.match_buffer(offsets, (nnz,), "int32")
         V = T.match_buffer(values, (nnz,), dtype)
         B = T.match_buffer(bias, (out_channels,), dtype)
+        R = T.match_buffer(r, (batch, out_channels, ho, wo) if residual else (1, 1, 1, 1), dtype)
         Y = T.match_buffer(y, (batch, out_channels, ho, wo), dtype)
         for task in T.parallel(batch * bands):
             # "global" scope keeps `acc` on the stack (see codegen/kernels/cpu/bsr.py); it is whole vectors with
@@ -117,6 +131,6 @@ def direct_conv_kernel(batch: int, channels: int, padded: tuple[int, int], out_c
                                     part[g, v * lanes + t] = acc[v, t]
                 for g in T.serial(group):
                     if og * group + g < out_channels:
-                        epilogue(part, Y, b, og * group + g, g, top)
+                        epilogue(part, Y, R, b, og * group + g, g, top)
 
     return kernel
