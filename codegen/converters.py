@@ -24,6 +24,7 @@ from sparsecc.codegen.executable import aligned
 from sparsecc.codegen.kernels.cpu.direct_conv import direct_conv_kernel
 from sparsecc.conv_work import ConvKnobs, chunk_pointers
 from sparsecc.codegen.kernels.cpu.layer_norm import layer_norm_kernel
+from sparsecc.codegen.kernels.cpu.max_pool import max_pool_kernel
 from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
 from sparsecc.packing import uniform_row_blocks
 from sparsecc.passes.graph_utils import RESHAPE_OPS, constant_of, shape_dtype
@@ -66,7 +67,10 @@ CONVERTERS: dict[Any, Converter] = {}
 # and phase split ahead of a direct convolution (in PyTorch they would split a chain of convolutions into regions).
 VIEW_OPS = RESHAPE_OPS
 OWN_KERNEL_OPS = frozenset({torch.ops.sparsecc.attention.default, aten.layer_norm.default,
-                            aten.constant_pad_nd.default, aten.permute.default})
+                            aten.constant_pad_nd.default, aten.permute.default, aten.slice.Tensor,
+                            aten.max_pool2d.default})
+# Views in PyTorch, copies in TVM: they join a region only to feed it, never to end one (sparsecc/pipeline.py).
+LAYOUT_OPS = frozenset({aten.permute.default, aten.slice.Tensor})
 
 
 def converter(*ops: Any, check: Callable[[fx.Node], bool] | None = None):
@@ -286,6 +290,20 @@ def _t(ctx, node, args):
     return relax.op.permute_dims(args[0], [1, 0]) if len(shape_dtype(node)[0]) == 2 else args[0]
 
 
+def _slice_check(node: fx.Node) -> bool:
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    return _static_float(node) and all(isinstance(v, int) for v in (dim, start, step)) and step >= 1 and \
+        start >= 0 and (end is None or isinstance(end, int))
+
+
+@converter(aten.slice.Tensor, check=_slice_check)
+def _slice(ctx, node, args):
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    size = shape_dtype(node.args[0])[0][dim]
+    end = size if end is None else min(end, size)
+    return relax.op.strided_slice(args[0], [dim], [start], [end], [step])
+
+
 @converter(aten.permute.default, check=_static_float)
 def _permute(ctx, node, args):
     return relax.op.permute_dims(args[0], list(args[1]))
@@ -377,3 +395,35 @@ def _layer_norm(ctx, node, args):
     out_shape = token_tiled_shape(rows, width, ctx.tiled[node]) if y_tiled else (rows, width)
     y = ctx.bb.emit(relax.call_tir(gv, [flat, weight, bias], relax.TensorType(out_shape, name)))
     return y if y_tiled else relax.op.reshape(y, shape)
+
+
+def _max_pool_arguments(node: fx.Node):
+    """(kernel, stride, padding, dilation) of an aten.max_pool2d node, each a pair."""
+    def pair(v, default):
+        v = default if v is None or (isinstance(v, (list, tuple)) and not v) else v
+        return tuple(v) * (2 if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else (v, v)
+
+    args = list(node.args) + [None] * (6 - len(node.args))
+    kernel = pair(args[1], None)
+    return kernel, pair(args[2], kernel), pair(args[3] if args[3] is not None else 0, 0), pair(
+        args[4] if args[4] is not None else 1, 1)
+
+
+def _max_pool_check(node: fx.Node) -> bool:
+    info = shape_dtype(node.args[0])
+    return _static_float(node) and info is not None and len(info[0]) == 4 and \
+        _max_pool_arguments(node)[3] == (1, 1)
+
+
+@converter(aten.max_pool2d.default, check=_max_pool_check)
+def _max_pool(ctx, node, args):
+    (batch, channels, h, w), dtype = shape_dtype(node.args[0])
+    out = tuple(shape_dtype(node)[0][2:])
+    kernel, stride, padding, _ = _max_pool_arguments(node)
+    name = dtype_name(dtype)
+    gv = ctx.kernel(("max_pool", batch, channels, h, w, kernel, stride, padding, out, name),
+                    lambda: max_pool_kernel(batch, channels, (h, w), kernel, stride, padding, out, name),
+                    f"max_pool_{batch}x{channels}x{h}x{w}_{kernel[0]}x{kernel[1]}_s{stride[0]}_{name}")
+    low = relax.const(tvm.runtime.from_dlpack(torch.full((1,), float("-inf"), dtype=dtype)))
+    return relax.call_tir(gv, [args[0], low], relax.TensorType((batch, channels, *out), name))
+

@@ -78,10 +78,8 @@ def _add_convolution_use(gm: fx.GraphModule, node: fx.Node, uses: dict, right: d
     conv, reason = "", ""
     if why_not_pointwise(node, tensor) is None:
         op = POINTWISE_USE
-        # Stride 1: the plan also times the direct kernel, which reads NCHW in place (a strided 1x1 one would
-        # split its input into stride phases, a copy of the whole input for a quarter of it).
-        geo = ConvGeometry.of(node, tensor) if why_not_direct(node, tensor) is None else None
-        conv = geo.to_json() if geo is not None and geo.stride == (1, 1) else ""
+        # The plan also times the direct kernel, which reads NCHW in place (a strided one reads a strided slice).
+        conv = ConvGeometry.of(node, tensor).to_json() if why_not_direct(node, tensor) is None else ""
     elif (reason := why_not_direct(node, tensor)) is None:
         op, reason, conv = DIRECT_USE, "", ConvGeometry.of(node, tensor).to_json()
     else:

@@ -61,8 +61,14 @@ class ConvGeometry:
         return tuple(((k - 1) * d) // s + 1 for k, d, s in zip(self.kernel, self.dilation, self.stride))
 
     @property
+    def single_phase(self) -> bool:
+        """Every tap falls in the first phase (a strided 1x1 convolution, say): the split is then a strided slice
+        of the padded input, and the other phases, which no weight reads, are never copied."""
+        return all((u * d) % s == 0 for k, d, s in zip(self.kernel, self.dilation, self.stride) for u in range(k))
+
+    @property
     def phase_channels(self) -> int:
-        return self.channels * self.stride[0] * self.stride[1]
+        return self.channels if self.single_phase else self.channels * self.stride[0] * self.stride[1]
 
     @property
     def taps(self) -> int:
@@ -114,7 +120,7 @@ def phase_weight(weight: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     (c * sh * sw + ph * sw + pw) * taps + a * kb + b holds tap (u, v) with u * dh = a * sh + ph, v * dw = b * sw + pw."""
     (sh, sw), (dh, dw), (ka, kb) = geo.stride, geo.dilation, geo.phase_kernel
     o, c, kh, kw = weight.shape
-    out = weight.new_zeros((o, c, sh, sw, ka, kb))
+    out = weight.new_zeros((o, c, 1, 1, ka, kb) if geo.single_phase else (o, c, sh, sw, ka, kb))
     for u in range(kh):
         a, ph = divmod(u * dh, sh)
         for v in range(kw):
@@ -130,7 +136,10 @@ def phase_input(graph: fx.Graph, x: fx.Node, geo: ConvGeometry) -> fx.Node:
     hq, wq = geo.phase_size
     pads = [pw, wq * sw - w - pw, ph, hq * sh - h - ph]
     y = graph.call_function(aten.constant_pad_nd.default, (x, pads, 0.0))
-    if (sh, sw) != (1, 1):
+    if (sh, sw) != (1, 1) and geo.single_phase:
+        y = graph.call_function(aten.slice.Tensor, (y, 2, 0, hq * sh, sh))
+        y = graph.call_function(aten.slice.Tensor, (y, 3, 0, wq * sw, sw))
+    elif (sh, sw) != (1, 1):
         n, c = geo.batch, geo.channels
         y = graph.call_function(aten.reshape.default, (y, [n, c, hq, sh, wq, sw]))
         y = graph.call_function(aten.permute.default, (y, [0, 1, 3, 5, 2, 4]))

@@ -102,12 +102,16 @@ def _replace_direct_conv(gm, node, weight, choice, packed, geo: ConvGeometry) ->
         y = sparse = graph.call_function(
             torch.ops.sparsecc.sparse_conv2d.default,
             (x, indptr, indices, values, node.args[2], geo.out_channels, list(geo.phase_kernel), list(geo.out_size)))
-        if geo.channels_last:  # eager's output keeps the input's memory format; later views may depend on it
+        # Eager's output keeps a channels-last input's memory format; passes/drop_layout_copies.py removes this copy
+        # where nothing can see the strides.
+        if geo.channels_last:
             y = graph.call_function(aten.clone.default, (sparse,), {"memory_format": torch.channels_last})
     # Shapes for the passes before the next shape propagation (epilogue fusion matches a residual's shape).
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        sparse.meta["val"], y.meta["val"] = val.contiguous(), val
+        sparse.meta["val"] = val.contiguous()
+        if y is not sparse:
+            y.meta["val"] = val
     sparse.meta[REWRITTEN] = weight.target
     node.replace_all_uses_with(y)
     graph.erase_node(node)

@@ -29,7 +29,9 @@ from sparsecc.ops import SPARSE_OPS
 from sparsecc.passes.analyze_weights import analyze_weights, analysed_weights
 from sparsecc.passes.fold_batch_norm import fold_batch_norm
 from sparsecc.passes.fuse_attention import fuse_attention
+from sparsecc.passes.drop_layout_copies import drop_layout_copies
 from sparsecc.passes.fuse_epilogues import fuse_epilogues
+from sparsecc.passes.simplify_max_pool import simplify_max_pool
 from sparsecc.passes.partition_regions import partition_regions
 from sparsecc.passes.plan_formats import plan_formats
 from sparsecc.passes.prune_weights import prune_weights
@@ -167,13 +169,14 @@ def _plan(p: Pruned, settings: Settings) -> Planned:
 def _rewrite(p: Planned, settings: Settings) -> Rewritten:
     gm = p.gm
     run_passes(gm, settings, (("rewrite_sparse", lambda g, s: rewrite_sparse(g, s, p.plan)),
-                              ("fuse_epilogues", fuse_epilogues)))
+                              ("fuse_epilogues", fuse_epilogues), ("drop_layout_copies", drop_layout_copies)))
     sparse_ops = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in SPARSE_OPS)
     # Attention and layer norm as sparsecc's own kernels let a transformer encoder be one region (BERT-base at 90 %:
     # about 15 % faster than PyTorch's ops between regions, docs/benchmarks.md). Only beside sparse ops: without
     # those there is no region for them to join.
     if sparse_ops:
-        run_passes(gm, settings, (("fuse_attention", fuse_attention), ("simplify_layer_norm", simplify_layer_norm)))
+        run_passes(gm, settings, (("fuse_attention", fuse_attention), ("simplify_layer_norm", simplify_layer_norm),
+                                  ("simplify_max_pool", simplify_max_pool)))
     # Records every node's shape for the later stages. In a fake mode of its own, with static shapes: left to find
     # one, ShapeProp takes dynamo's, whose shape environment then gets guards on symbols it never made.
     with torch.no_grad():
@@ -182,15 +185,15 @@ def _rewrite(p: Planned, settings: Settings) -> Rewritten:
 
 
 def _partition(p: Rewritten, settings: Settings) -> Partitioned:
-    from sparsecc.codegen.converters import OWN_KERNEL_OPS, VIEW_OPS, can_lower
+    from sparsecc.codegen.converters import LAYOUT_OPS, OWN_KERNEL_OPS, VIEW_OPS, can_lower
 
     if settings.offload == "all":
         supported, anchor = can_lower, can_lower
     else:
         def supported(node: fx.Node) -> bool:
-            if node.target is torch.ops.aten.permute.default:
-                # A permute is a free view in PyTorch and a copy in TVM: it joins a region only to feed one (the
-                # phase split before a direct convolution), never to end one (a channels-last output stays a view).
+            if node.target in LAYOUT_OPS:
+                # A free view in PyTorch and a copy in TVM: it joins a region only to feed one (the phase split
+                # before a direct convolution), never to end one (a channels-last output stays a view).
                 return bool(node.users) and all(supported(u) for u in node.users) and can_lower(node)
             return (node.target in SPARSE_OPS or node.target in VIEW_OPS or node.target in OWN_KERNEL_OPS) \
                 and can_lower(node)

@@ -264,3 +264,45 @@ def test_mobilenet_v2_from_a_transformers_config(no_fallback):
     depthwise = [c for c in plan.choices.values() if "groups" in c.reason]
     assert depthwise and all(c.format.value == "dense" for c in depthwise)  # depthwise stays in PyTorch
     assert watch.sparse_ops >= 10 and watch.region_calls > 0
+
+
+def test_channels_last_chains_stay_in_the_kernels_layout_until_the_output(no_fallback):
+    model = prune_convs_(nn.Sequential(ResidualBlock(16, nn.ReLU()), nn.Conv2d(16, 16, 3, 2, 1),
+                                       ResidualBlock(16, nn.ReLU())))
+    x = torch.randn(2, 16, 12, 12).to(memory_format=torch.channels_last)
+    actual, expected, watch = run_both(model, x, cost_model="break-even")
+    torch.testing.assert_close(actual, expected, **FP32)
+    assert actual.stride() == expected.stride()  # channels-last, as eager gives it
+    gm = watch.graphs[0].state.gm
+    copies = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.clone.default]
+    # One copy back to channels-last, at the graph's output; none between the five convolutions, so one region.
+    assert len(copies) == 1 and watch.sparse_ops == 5 and len(watch.graphs[0].state.regions) == 1
+
+
+def test_a_strided_1x1_convolution_reads_only_the_phase_it_uses():
+    from sparsecc.passes.direct_conv import ConvGeometry, phase_weight
+    from sparsecc.planning.conv_timing import phase_input_eager
+
+    geo = ConvGeometry(2, 8, (9, 7), 4, (1, 1), (2, 2), (0, 0), (1, 1), (5, 4), "float32")
+    assert geo.single_phase and geo.phase_channels == 8 and geo.phase_kernel == (1, 1)
+    w = torch.randn(4, 8, 1, 1)
+    x = torch.randn(2, 8, 9, 7)
+    phases = phase_input_eager(x, geo)
+    hq, wq = geo.phase_size
+    assert phases.shape == (2, 8, hq, wq)
+    # The stride-1 1x1 convolution of the strided slice is the strided convolution.
+    y = torch.nn.functional.conv2d(phases, phase_weight(w, geo).reshape(4, 8, 1, 1))[:, :, :5, :4]
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, stride=2), **FP32)
+    assert not ConvGeometry(1, 8, (9, 9), 4, (3, 3), (2, 2), (1, 1), (1, 1), (5, 5), "float32").single_phase
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.MaxPool2d(3, 2, ceil_mode=True),
+                                  nn.MaxPool2d(3, 1, 1)])
+def test_max_pool_between_sparse_convolutions_joins_their_region(no_fallback, pool):
+    model = prune_convs_(nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), pool,
+                                       nn.Conv2d(12, 8, 3, padding=1)))
+    actual, expected, watch = run_both(model, torch.randn(2, 8, 13, 11), cost_model="break-even")
+    torch.testing.assert_close(actual, expected, **FP32)
+    gm = watch.graphs[0].state.gm
+    left = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "getitem" not in str(n.target)]
+    assert left == [] and len(watch.graphs[0].state.regions) == 1 and watch.sparse_ops == 2

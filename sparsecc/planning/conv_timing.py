@@ -47,7 +47,9 @@ def phase_input_eager(x: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     (sh, sw), (ph, pw), (h, w) = geo.stride, geo.padding, geo.size
     hq, wq = geo.phase_size
     y = torch.nn.functional.pad(x, [pw, wq * sw - w - pw, ph, hq * sh - h - ph])
-    if (sh, sw) != (1, 1):
+    if (sh, sw) != (1, 1) and geo.single_phase:
+        y = y[:, :, ::sh, ::sw]
+    elif (sh, sw) != (1, 1):
         y = y.reshape(geo.batch, geo.channels, hq, sh, wq, sw).permute(0, 1, 3, 5, 2, 4)
     return y.reshape(geo.batch, geo.phase_channels, hq, wq).contiguous()
 
