@@ -1,4 +1,5 @@
-"""Drop the copies back to channels-last that the rewrite put after direct convolutions, where nothing can see them.
+"""Drop the copies back to channels-last that the rewrite put after direct convolutions, where nothing can see them;
+and let dense packed convolutions (passes/pack_dense_convs.py) leave their output in oneDNN's layout there.
 
 The direct kernel writes NCHW. For a channels-last input eager's convolution gives a channels-last output, so the
 rewrite copies the result back (later views may rely on the strides). Between two sparse convolutions that copy is
@@ -20,6 +21,9 @@ from sparsecc.ops import SPARSE_OPS
 from sparsecc.settings import Settings
 
 aten = torch.ops.aten
+PACKED_CONV = torch.ops.sparsecc.packed_conv2d.default
+# Ops that read their input in any layout and give their result in one of their own.
+LAYOUT_SINKS = SPARSE_OPS | {PACKED_CONV}
 
 # Ops that give the same values whatever their input's strides and never fail on them (unlike `view`).
 LAYOUT_FREE = frozenset({
@@ -38,7 +42,7 @@ def layout_seen(node: fx.Node) -> bool:
             if user in seen:
                 continue
             seen.add(user)
-            if user.op == "call_function" and user.target in SPARSE_OPS:
+            if user.op == "call_function" and user.target in LAYOUT_SINKS:
                 continue
             if user.op != "call_function" or user.target not in LAYOUT_FREE or (
                     user.target is aten.clone.default and user.kwargs.get("memory_format") is not None):
@@ -48,9 +52,15 @@ def layout_seen(node: fx.Node) -> bool:
 
 
 def drop_layout_copies(gm: fx.GraphModule, settings: Settings) -> int:
-    """Remove unseen channels-last copies of sparse convolution outputs; returns how many."""
+    """Remove unseen channels-last copies of sparse convolution outputs, and let dense packed convolutions whose
+    output is unseen keep oneDNN's layout; returns how many."""
     dropped = 0
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is PACKED_CONV and node.args[8] != "any" and \
+                not layout_seen(node):
+            node.args = (*node.args[:8], "any")
+            dropped += 1
+            continue
         if node.op == "call_function" and node.target is aten.clone.default and \
                 node.kwargs.get("memory_format") is torch.channels_last and \
                 isinstance(node.args[0], fx.Node) and node.args[0].target is torch.ops.sparsecc.sparse_conv2d.default \

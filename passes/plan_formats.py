@@ -192,7 +192,8 @@ def choose_direct_conv(w: WeightSparsity, settings: Settings,
     if w.numel < settings.min_weight_numel:
         return dense(f"{w.numel} elements < min_weight_numel {settings.min_weight_numel}")
     if w.nnz == 0:
-        return FormatChoice(SparseFormat.CSR, None, 0.0, f"all zeros ({kernel} convolution, direct kernel)")
+        return FormatChoice(SparseFormat.CSR, None, 0.0, f"all zeros ({kernel} convolution, direct kernel)",
+                            kernel=DIRECT_KERNEL)
     forced = settings.formats is not None and "dense" not in settings.formats
     seconds = measure() if measure is not None and not forced else None
     if seconds:
@@ -209,10 +210,10 @@ def choose_direct_conv(w: WeightSparsity, settings: Settings,
     reason = f"density {w.density:.3f}: a {kernel} convolution, {how}"
     if forced:
         return FormatChoice(SparseFormat.CSR, None, est, f"{reason}; csr forced by formats={list(settings.formats)}",
-                            {}, measured)
+                            {}, measured, DIRECT_KERNEL)
     if est * gain >= 1.0:
         return dense(f"{reason}: not {gain:.2f}x faster, stays dense", measured)
-    return FormatChoice(SparseFormat.CSR, None, est, reason, {}, measured)
+    return FormatChoice(SparseFormat.CSR, None, est, reason, {}, measured, DIRECT_KERNEL)
 
 
 def _tokens(w: WeightSparsity) -> list[int]:

@@ -31,6 +31,7 @@ from sparsecc.passes.fold_batch_norm import fold_batch_norm
 from sparsecc.passes.fuse_attention import fuse_attention
 from sparsecc.passes.drop_layout_copies import drop_layout_copies
 from sparsecc.passes.fuse_epilogues import fuse_epilogues
+from sparsecc.passes.pack_dense_convs import pack_dense_convs
 from sparsecc.passes.simplify_max_pool import simplify_max_pool
 from sparsecc.passes.partition_regions import partition_regions
 from sparsecc.passes.plan_formats import plan_formats
@@ -169,7 +170,8 @@ def _plan(p: Pruned, settings: Settings) -> Planned:
 def _rewrite(p: Planned, settings: Settings) -> Rewritten:
     gm = p.gm
     run_passes(gm, settings, (("rewrite_sparse", lambda g, s: rewrite_sparse(g, s, p.plan)),
-                              ("fuse_epilogues", fuse_epilogues), ("drop_layout_copies", drop_layout_copies)))
+                              ("pack_dense_convs", pack_dense_convs), ("fuse_epilogues", fuse_epilogues),
+                              ("drop_layout_copies", drop_layout_copies)))
     sparse_ops = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in SPARSE_OPS)
     # Attention and layer norm as sparsecc's own kernels let a transformer encoder be one region (BERT-base at 90 %:
     # about 15 % faster than PyTorch's ops between regions, docs/benchmarks.md). Only beside sparse ops: without
