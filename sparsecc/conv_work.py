@@ -9,7 +9,7 @@ import dataclasses
 from sparsecc.kernel_work import STACK_LIMIT_BYTES, elem_bytes
 
 # Bump when the generated code changes: timings stored for an older kernel are then ignored.
-CONV_TEMPLATE_VERSION = 3
+CONV_TEMPLATE_VERSION = 4
 # Bytes of the widest vector register the kernels' targets have (as codegen/kernels/cpu/transpose.VECTOR_BYTES).
 VECTOR_BYTES = 64
 

@@ -103,10 +103,13 @@ def packed_conv_available() -> bool:
 
 
 def _packed_weight(weight: torch.Tensor, x_shape, stride, padding, dilation, groups) -> torch.Tensor:
-    key = (weight.data_ptr(), weight._version, tuple(x_shape), tuple(stride), tuple(padding), tuple(dilation), groups)
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), tuple(x_shape),
+           tuple(stride), tuple(padding), tuple(dilation), groups)
     entry = _PACKED_WEIGHTS.get(key)
-    # The entry holds the weight itself, so its address cannot be reused by another tensor while the entry lives.
-    if entry is None or entry[0] is not weight:
+    # The entry holds the weight (the op may be handed a new alias of it each call, so not compared by identity):
+    # its storage stays alive, so no other tensor can take its address while the entry lives; in-place changes
+    # bump the version all aliases share.
+    if entry is None:
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), list(padding), list(stride),
                                                            list(dilation), groups, list(x_shape))
         entry = _PACKED_WEIGHTS[key] = (weight, packed)
