@@ -25,6 +25,7 @@ from sparsecc.codegen.kernels.cpu.direct_conv import direct_conv_kernel
 from sparsecc.conv_work import ConvKnobs, chunk_pointers
 from sparsecc.codegen.kernels.cpu.layer_norm import layer_norm_kernel
 from sparsecc.codegen.kernels.cpu.max_pool import max_pool_kernel
+from sparsecc.codegen.kernels.cpu.pad import pad_kernel
 from sparsecc.ops import sparse_linear_args  # also registers the sparsecc:: ops
 from sparsecc.packing import uniform_row_blocks
 from sparsecc.passes.graph_utils import RESHAPE_OPS, constant_of, shape_dtype
@@ -270,7 +271,21 @@ def _pad_check(node: fx.Node) -> bool:
 def _constant_pad(ctx, node, args):
     pads = list(node.args[1])
     value = node.args[2] if len(node.args) > 2 else 0
-    rank = len(shape_dtype(node)[0])
+    shape_in, dtype = shape_dtype(node.args[0])
+    rank = len(shape_in)
+    if rank >= 3 and len(pads) <= 4 and all(p >= 0 for p in pads):
+        # Rows and columns only (a convolution's padding): sparsecc's parallel kernel over the planes.
+        left, right, top, bottom = (list(pads) + [0, 0])[:4]
+        planes, (h, w) = math.prod(shape_in[:-2]), shape_in[-2:]
+        name = dtype_name(dtype)
+        gv = ctx.kernel(("pad", planes, h, w, top, bottom, left, right, name),
+                        lambda: pad_kernel(planes, (h, w), (top, bottom, left, right), name),
+                        f"pad_{planes}x{h}x{w}_{top}_{bottom}_{left}_{right}_{name}")
+        fill = relax.const(tvm.runtime.from_dlpack(torch.full((1,), float(value), dtype=dtype)))
+        flat = ctx.bb.emit(relax.op.reshape(args[0], (planes, h, w)))
+        y = ctx.bb.emit(relax.call_tir(gv, [flat, fill], relax.TensorType((planes, h + top + bottom,
+                                                                            w + left + right), name)))
+        return relax.op.reshape(y, shape_dtype(node)[0])
     width = [0] * (2 * rank)
     for i in range(len(pads) // 2):  # aten lists the last axis first
         width[2 * (rank - 1 - i)], width[2 * (rank - 1 - i) + 1] = pads[2 * i], pads[2 * i + 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -63,3 +64,21 @@ def op_name(node: fx.Node) -> str:
     if node.op != "call_function":
         return f"{node.op}:{target}"
     return str(target) if isinstance(target, torch._ops.OpOverload) else str(getattr(target, "__name__", target))
+
+
+def as_single_output(gm: fx.GraphModule, node: fx.Node, target, args: tuple) -> bool:
+    """Replace a multi-output op (read through getitem) whose outputs after the first nobody uses by `target(*args)`,
+    one output; False, and nothing changed, when another output is used."""
+    users = list(node.users)
+    if not users or any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in users):
+        return False
+    with gm.graph.inserting_before(node):
+        single = gm.graph.call_function(target, args)
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        single.meta["val"] = val[0]
+    for u in users:
+        if u.args[1] == 0:
+            u.replace_all_uses_with(single)
+    return True
+

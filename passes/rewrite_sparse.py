@@ -109,7 +109,9 @@ def _replace_direct_conv(gm, node, weight, choice, packed, geo: ConvGeometry) ->
     # Shapes for the passes before the next shape propagation (epilogue fusion matches a residual's shape).
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        sparse.meta["val"] = val.contiguous()
+        # A meta tensor, not a call on dynamo's fake value: that would run in dynamo's fake mode and could leave
+        # guards in its shape environment.
+        sparse.meta["val"] = torch.empty(val.shape, dtype=val.dtype, device="meta")
         if y is not sparse:
             y.meta["val"] = val
     sparse.meta[REWRITTEN] = weight.target

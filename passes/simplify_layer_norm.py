@@ -7,11 +7,10 @@ and the layer norms between a transformer layer's sparse kernels can join their 
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
+from sparsecc.passes.graph_utils import as_single_output
 from sparsecc.settings import Settings
 
 aten = torch.ops.aten
@@ -23,14 +22,7 @@ def simplify_layer_norm(gm: fx.GraphModule, settings: Settings) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.native_layer_norm.default:
             continue
-        users = list(node.users)
-        if any(u.target is not operator.getitem for u in users) or any(u.args[1] != 0 and u.users for u in users):
-            continue
         x, shape, weight, bias, eps = node.args
-        with gm.graph.inserting_before(node):
-            single = gm.graph.call_function(aten.layer_norm.default, (x, shape, weight, bias, eps))
-        for u in users:
-            if u.args[1] == 0:
-                u.replace_all_uses_with(single)
-        done += 1
+        if as_single_output(gm, node, aten.layer_norm.default, (x, shape, weight, bias, eps)):
+            done += 1
     return done

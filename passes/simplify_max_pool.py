@@ -6,33 +6,20 @@ join a TVM region, and in PyTorch the indices cost time too.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
+from sparsecc.passes.graph_utils import as_single_output
 from sparsecc.settings import Settings
 
 aten = torch.ops.aten
 
 
 def simplify_max_pool(gm: fx.GraphModule, settings: Settings) -> int:
-    """Replace each max_pool2d_with_indices read only at element 0; returns how many."""
+    """Replace each max_pool2d_with_indices whose indices are unused; returns how many."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.max_pool2d_with_indices.default:
-            continue
-        users = list(node.users)
-        if not users or any(u.target is not operator.getitem or u.args[1] != 0 for u in users):
-            continue
-        with gm.graph.inserting_before(node):
-            pool = gm.graph.call_function(aten.max_pool2d.default, node.args, dict(node.kwargs))
-        val = node.meta.get("val")
-        if isinstance(val, (tuple, list)):
-            pool.meta["val"] = val[0]
-        for u in users:
-            u.replace_all_uses_with(pool)
-            gm.graph.erase_node(u)
-        gm.graph.erase_node(node)
-        count += 1
+        if node.op == "call_function" and node.target is aten.max_pool2d_with_indices.default and \
+                not node.kwargs and as_single_output(gm, node, aten.max_pool2d.default, tuple(node.args)):
+            count += 1
     return count

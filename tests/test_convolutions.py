@@ -23,6 +23,10 @@ def prune_convs_(model: nn.Module, sparsity: float = 0.9) -> nn.Module:
     return model
 
 
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
 def run_both(model, x, **options):
     model = model.eval()
     compiled = compile_sparsecc(model, min_weight_numel=1, **options)
@@ -39,8 +43,7 @@ def test_pointwise_convolutions_run_sparse(no_fallback, channels_last, stride, b
     model = prune_convs_(nn.Sequential(nn.Conv2d(24, 40, 1, bias=bias), nn.ReLU(),
                                        nn.Conv2d(40, 16, 1, stride=stride, bias=bias), nn.GELU()))
     x = torch.randn(2, 24, 9, 7)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
+    x = in_layout(x, channels_last)
     actual, expected, watch = run_both(model, x)
     torch.testing.assert_close(actual, expected, **FP32)
     assert actual.stride() == expected.stride()  # the memory format eager gives: later views behave the same
@@ -57,8 +60,7 @@ def test_direct_convolutions_run_sparse(no_fallback, kernel, stride, padding, di
     model = prune_convs_(nn.Sequential(nn.Conv2d(12, 20, kernel, stride, padding, dilation), nn.ReLU(),
                                        nn.Conv2d(20, 8, 3, padding=1, bias=False)))
     x = torch.randn(2, 12, 15, 13)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
+    x = in_layout(x, channels_last)
     actual, expected, watch = run_both(model, x)
     torch.testing.assert_close(actual, expected, **FP32)
     assert actual.stride() == expected.stride()
@@ -318,8 +320,7 @@ def test_dense_convolutions_run_on_a_weight_reordered_once(no_fallback, channels
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
                           nn.ReLU(), nn.Conv2d(16, 8, 1, stride=2)).eval()
     x = torch.randn(2, 8, 12, 12)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
+    x = in_layout(x, channels_last)
     actual, expected, watch = run_both(model, x)
     torch.testing.assert_close(actual, expected, **FP32)
     assert actual.stride() == expected.stride()
