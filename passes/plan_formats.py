@@ -146,11 +146,11 @@ def direct_pointwise(w: WeightSparsity) -> bool:
 
 def prefer_direct_pointwise(choice: FormatChoice, w: WeightSparsity, settings: Settings,
                             measure: Callable[[], dict[str, float] | None]) -> FormatChoice:
-    """`choice` (a matrix product over channels-last pixels, or dense) or the direct kernel for a 1x1 convolution,
-    whichever measured faster. The matrix product's time leaves out the copies into and out of channels-last rows
-    that an NCHW input costs, and the direct kernel's includes its own, so the comparison leans to the product.
-    Why both: the direct kernel wins on large images (64->256 at 56x56: about half the product's time here), the
-    product on small ones with many channels (7x7: a band of 7 pixels is too short a run)."""
+    """`choice` (a matrix product over channels-last pixels, or dense) or the direct kernel for a 1x1 convolution
+    over a channels-last input, whichever measured faster. The direct kernel's time includes its copy into NCHW,
+    the product needs none here. Why both: the direct kernel wins on large images (64->256 at 56x56: about half the
+    product's time here), the product on small ones with many channels (7x7: a band of 7 pixels is too short a
+    run)."""
     if not allowed("csr", settings.formats) or w.nnz == 0 or w.numel < settings.min_weight_numel or \
             w.dtype not in SPARSE_DTYPES:
         return choice

@@ -44,9 +44,9 @@ def rewrite_sparse(gm: fx.GraphModule, settings: Settings, plan: SparsePlan) -> 
             if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in chosen:
                 choice = chosen[weight.target]
                 if why_not_pointwise(node, constant_of(gm, weight)) is None and choice.kernel != DIRECT_KERNEL:
-                    _replace_pointwise_conv(gm, node, weight, chosen[weight.target], packed)
+                    _replace_pointwise_conv(gm, node, weight, choice, packed)
                 else:  # analysis admitted only convolutions the direct kernel takes
-                    _replace_direct_conv(gm, node, weight, chosen[weight.target], packed, geometries[node])
+                    _replace_direct_conv(gm, node, weight, choice, packed, geometries[node])
                 count += 1
             continue
         if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
